@@ -1,0 +1,5 @@
+import sys
+
+from bgert.cli import main
+
+sys.exit(main())

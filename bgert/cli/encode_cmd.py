@@ -1,0 +1,61 @@
+"""``bgert encode DIR --input FILE|- --output FILE``: embed texts (txt or jsonl in, npy or jsonl out)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--input", "-i", default="-", help="txt (one text per line) or jsonl file, '-' for stdin")
+    p.add_argument("--output", "-o", required=True, help=".npy for an array, .jsonl for one vector per line")
+    p.add_argument("--field", default="text", help="jsonl input: the key holding the text (default: text)")
+    p.add_argument("--queries", action="store_true", help="apply the query instruction (encode_queries)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--precision", default=None)
+    p.add_argument("--providers", default=None, help="comma-separated ORT providers (default: CPU)")
+    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
+
+
+def read_texts(path: str, field: str) -> list[str]:
+    """Texts from a txt file (one per line) or a jsonl file (``field`` of each record)."""
+    f = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    try:
+        lines = f.read().splitlines()
+    finally:
+        if f is not sys.stdin:
+            f.close()
+    if path.endswith(".jsonl") or (lines and lines[0].lstrip().startswith("{")):
+        texts = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if field not in rec:
+                raise ValueError(f"{path}:{n}: record has no {field!r} key (use --field)")
+            texts.append(rec[field] if "title" not in rec else (rec["title"] + " " + rec[field]).strip())
+        return texts
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    from bgert.runtime import load
+
+    providers = args.providers.split(",") if args.providers else None
+    model = load(args.artifact, precision=args.precision, providers=providers,
+                 intra_op_num_threads=args.threads, show_progress_bar=True)
+    texts = read_texts(args.input, args.field)
+    fn = model.encode_queries if args.queries else model.encode
+    vecs = fn(texts, batch_size=args.batch_size, max_length=args.max_length)
+    if args.output.endswith(".npy"):
+        np.save(args.output, np.asarray(vecs, dtype=np.float32).reshape(len(texts), -1))
+    else:
+        with open(args.output, "w", encoding="utf-8") as f:
+            for v in vecs:
+                f.write(json.dumps([round(float(x), 7) for x in v]) + "\n")
+    print(f"encoded {len(texts)} texts with {model!r} -> {args.output}", file=sys.stderr)
+    return 0

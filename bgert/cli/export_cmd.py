@@ -1,0 +1,49 @@
+"""``bgert export SRC --out DIR``: checkpoint → ONNX artifact (heavy side, imports torch)."""
+from __future__ import annotations
+
+import argparse
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in _csv(s)]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="local checkpoint directory (or a hub id when the network allows)")
+    p.add_argument("--out", "-o", required=True, help="artifact directory to write")
+    p.add_argument("--kind", default="auto",
+                   choices=["auto", "embedder", "m3", "reranker", "llm_reranker", "layerwise_reranker",
+                            "lightweight_reranker", "decoder_embedder"],
+                   help="model kind (default: detected from config.json and the checkpoint's files)")
+    p.add_argument("--max-length", type=int, help="max tokens per input (default: the model's own limit)")
+    p.add_argument("--precision", type=_csv, default=["fp32"],
+                   help="comma-separated variants: fp32,fp16,int8,int8-static (fp32 is always written)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--no-optimize", action="store_true", help="skip ORT's transformer fusions")
+    p.add_argument("--no-normalize", action="store_true", help="embedders: output raw pooled vectors")
+    p.add_argument("--query-instruction", help="embedders: query instruction stored in the manifest "
+                                               "('' for none; default: the BGE model card's for bge-*-en/zh)")
+    p.add_argument("--heads", type=_csv, help="m3: outputs to export, e.g. dense,sparse,colbert")
+    p.add_argument("--cutoff-layers", type=_ints, help="layerwise rerankers: e.g. 8,16,28")
+    p.add_argument("--keep-failed", action="store_true",
+                   help="keep precision variants that miss their quality gate (marked failed)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from bgert.export import export
+
+    options = {"normalize": False if args.no_normalize else None, "query_instruction": args.query_instruction,
+               "heads": args.heads, "cutoff_layers": args.cutoff_layers, "keep_failed": args.keep_failed}
+    out = export(args.src, args.out, kind=args.kind, max_length=args.max_length, force=args.force,
+                 opset=args.opset, optimize_graph=not args.no_optimize, precisions=args.precision,
+                 progress=not args.quiet, **{k: v for k, v in options.items() if v is not None})
+    from bgert.cli.info_cmd import describe
+
+    print(describe(out))
+    return 0

@@ -1,0 +1,52 @@
+"""``bgert info DIR``: the manifest, for humans (or as JSON with --json)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from bgert.runtime.base import CPU_PREFERENCE, GPU_PREFERENCE
+from bgert.runtime.manifest import read_manifest
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--json", action="store_true", help="print the raw manifest")
+    p.add_argument("--verify", action="store_true", help="also check every file's sha256")
+
+
+def _fmt_quality(q: dict) -> str:
+    keys = [k for k in ("cos_mean", "cos_min", "max_abs_diff", "spearman") if k in q]
+    return ", ".join(f"{k} {q[k]:.6g}" for k in keys) or "-"
+
+
+def describe(artifact: str, verify: bool = False) -> str:
+    """A short human summary of an artifact: kind, source, lengths, graphs with their quality."""
+    m = read_manifest(artifact, verify=verify)
+    raw = m.raw
+    lines = [f"artifact   {m.root}",
+             f"kind       {m.kind} ({m.family})",
+             f"source     {raw['source'].get('name')}  sha256 {raw['source'].get('sha256', '')[:16]}…",
+             f"max_length {m.max_length}   buckets {m.length_buckets}"]
+    for key in ("pooling", "normalize", "dim", "query_instruction", "heads", "cutoff_layers"):
+        if raw.get(key) is not None:
+            lines.append(f"{key:<10} {raw[key]!r}")
+    lines.append("graphs:")
+    for g in m.graphs:
+        cut = f" cutoff {g.cutoff_layers}" if g.cutoff_layers else ""
+        status = "ok" if g.gate_passed else "FAILED GATE"
+        lines.append(f"  {g.precision:<12}{cut} {g.file:<28} [{status}] {_fmt_quality(g.quality)}")
+    passed = {g.precision for g in m.graphs if g.gate_passed}
+    for prov, prefs in (("CPU", CPU_PREFERENCE), ("CUDA", GPU_PREFERENCE)):
+        pick = next((p for p in prefs if p in passed), None)
+        lines.append(f"default precision on {prov}: {pick}")
+    if verify:
+        lines.append("files: all sha256 match")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps(read_manifest(args.artifact, verify=args.verify).raw, indent=2, ensure_ascii=False))
+    else:
+        print(describe(args.artifact, verify=args.verify))
+    return 0

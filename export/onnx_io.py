@@ -1,0 +1,58 @@
+"""Tracing a torch module to ONNX and running ORT's transformer optimizer on the result."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from typing import Any
+
+import torch
+
+log = logging.getLogger("bgert.export")
+
+DEFAULT_OPSET = 17
+#: protobuf cannot hold more than 2 GB: bigger graphs keep their weights in external data
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def export_onnx(module: torch.nn.Module, sample: dict[str, torch.Tensor], path: str,
+                inputs: dict[str, dict[int, str]], outputs: dict[str, dict[int, str]],
+                opset: int = DEFAULT_OPSET) -> None:
+    """torch.onnx.export (TorchScript tracer) with named, dynamic batch/sequence axes."""
+    axes = {**{k: v for k, v in inputs.items() if k in sample}, **outputs}
+    args = tuple(sample[k] for k in inputs if k in sample)
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, path, input_names=[k for k in inputs if k in sample],
+                          output_names=list(outputs), dynamic_axes=axes, opset_version=opset,
+                          do_constant_folding=True, dynamo=False,
+                          external_data=param_bytes(module) > EXTERNAL_DATA_THRESHOLD)
+
+
+def optimize(path: str, model_type: str | None, num_heads: int = 0, hidden_size: int = 0) -> dict[str, Any]:
+    """Fuse attention / LayerNorm / GELU with onnxruntime.transformers (in place).
+
+    The fused graph stays portable (opt_level 0: no provider-specific nodes); ORT applies its
+    own session-level optimisations when the runtime loads it. Returns the fused-op counts.
+    """
+    if model_type is None:
+        return {}
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        opt = optimize_model(path, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
+                             opt_level=0)
+    stats = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    external = os.path.getsize(path) > EXTERNAL_DATA_THRESHOLD or any(
+        f.endswith(".data") for f in os.listdir(os.path.dirname(path) or "."))
+    opt.save_model_to_file(path, use_external_data_format=external)
+    onnx.checker.check_model(path)
+    return stats

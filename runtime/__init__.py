@@ -1,0 +1,37 @@
+"""bgert.runtime: the thin serving side (numpy + tokenizers + onnxruntime, never torch).
+
+``load(artifact_dir)`` reads the manifest and returns the runtime class for its kind.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .backends import ProviderError, resolve_providers
+from .base import BgeModel
+from .embedder import Embedder
+from .manifest import ArtifactError, Manifest, read_manifest
+
+_CLASSES: dict[str, type[BgeModel]] = {"embedder": Embedder}
+
+
+def register(kind: str, cls: type[BgeModel]) -> None:
+    """Make ``load()`` return ``cls`` for artifacts of ``kind`` (each family module calls this)."""
+    _CLASSES[kind] = cls
+
+
+def class_for_kind(kind: str) -> type[BgeModel]:
+    if kind not in _CLASSES:
+        raise ArtifactError(f"this bgert has no runtime class for kind {kind!r}; "
+                            f"it serves: {', '.join(sorted(_CLASSES))}. Upgrade bgert.")
+    return _CLASSES[kind]
+
+
+def load(model_dir: str | os.PathLike, **kwargs: Any) -> BgeModel:
+    """Open an artifact with the runtime class its manifest names (Embedder, M3Embedder, …)."""
+    kind = read_manifest(os.fspath(model_dir), verify=False).kind
+    return class_for_kind(kind)(model_dir, **kwargs)
+
+
+__all__ = ["ArtifactError", "BgeModel", "Embedder", "Manifest", "ProviderError", "load", "read_manifest",
+           "register", "resolve_providers"]

@@ -1,0 +1,152 @@
+"""The shared shape of every runtime class: preprocess → run (batched) → postprocess.
+
+``BgeModel`` loads and checks an artifact (manifest, tokenizer, graphs), picks the graph for the
+requested precision and provider, and runs token sequences through it in token-budget batches
+(bgert.runtime.batching). Family classes (Embedder, M3Embedder, rerankers) only say how text
+becomes token ids and how graph outputs become the user's result.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, ClassVar, Iterator, Sequence
+
+import numpy as np
+
+from .backends import Backend, OrtBackend, ProviderSpec, provider_names, resolve_providers, session_options
+from .batching import DEFAULT_TOKEN_BUDGET, Batch, pad, plan_batches
+from .manifest import ArtifactError, Graph, Manifest, read_manifest
+from .progress import progress
+from .tokenize import TextTokenizer
+
+log = logging.getLogger("bgert")
+
+#: default precision preference when the caller names none, by provider
+CPU_PREFERENCE = ("int8", "fp32", "int8-static", "fp16")
+GPU_PREFERENCE = ("fp16", "fp32", "int8-static", "int8")
+
+
+class BgeModel:
+    """Base of the runtime classes. Not used directly: see Embedder, M3Embedder, Reranker…"""
+
+    kinds: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model_dir: str | os.PathLike, *, precision: str | None = None,
+                 providers: str | Sequence[ProviderSpec] | None = None,
+                 intra_op_num_threads: int | None = None, inter_op_num_threads: int | None = None,
+                 graph_optimization_level: str = "all", sess_options: Any = None,
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, batch_size: int = 256,
+                 length_buckets: Sequence[int] | None = None, verify: bool = True,
+                 backend: str = "ort", show_progress_bar: bool = False, **backend_options: Any):
+        self.model_dir = os.fspath(model_dir)
+        self.manifest: Manifest = read_manifest(self.model_dir, verify=verify)
+        if self.kinds and self.manifest.kind not in self.kinds:
+            from . import class_for_kind  # the right class to suggest
+
+            raise ArtifactError(
+                f"{self.model_dir} holds a {self.manifest.kind!r} model, which {type(self).__name__} "
+                f"does not serve; use bgert.runtime.{class_for_kind(self.manifest.kind).__name__} "
+                "or bgert.runtime.load().")
+        if not os.path.isfile(self.manifest.tokenizer_file):
+            raise ArtifactError(f"{self.manifest.tokenizer_file} is missing; re-export the artifact.")
+        self.tokenizer = TextTokenizer(self.manifest.tokenizer_file, self.manifest.tokenizer_info)
+        self.max_length = self.manifest.max_length
+        self.token_budget = int(token_budget)
+        self.batch_size = int(batch_size)
+        self.length_buckets = sorted(length_buckets or self.manifest.length_buckets)
+        self.show_progress_bar = show_progress_bar
+        self.backend_name = backend
+        self._backend_options = backend_options
+        self._lock = threading.Lock()
+        self._backends: dict[str, Backend] = {}
+        if backend == "ort":
+            self.providers = resolve_providers(providers)
+            self._sess_options = (intra_op_num_threads, inter_op_num_threads, graph_optimization_level, sess_options)
+        elif backend == "triton":
+            self.providers = []
+        else:
+            raise ValueError(f"backend must be 'ort' or 'triton', got {backend!r}")
+        self.precision = self._choose_precision(precision)
+
+    # ---- graph selection -------------------------------------------------------------------
+    def _on_gpu(self) -> bool:
+        return any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in provider_names(self.providers))
+
+    def _choose_precision(self, precision: str | None) -> str:
+        graphs = self.manifest.graphs
+        have = self.manifest.precisions()
+        if not graphs:
+            raise ArtifactError(f"{self.model_dir}: the manifest lists no graphs; re-export the artifact.")
+        if precision is not None:
+            if precision not in have:
+                raise ValueError(f"precision {precision!r} is not in this artifact; it has: {', '.join(have)}. "
+                                 f"Export it with `bgert export ... --precision {precision}`.")
+            if not all(g.gate_passed for g in graphs if g.precision == precision):
+                log.warning("bgert: precision %s missed its quality gate at export (see `bgert info`); "
+                            "using it because it was asked for.", precision)
+            return precision
+        prefs = GPU_PREFERENCE if self._on_gpu() else CPU_PREFERENCE
+        passed = {g.precision for g in graphs if g.gate_passed}
+        for p in prefs:
+            if p in passed:
+                return p
+        for p in have:
+            if p in passed:
+                return p
+        raise ArtifactError(f"{self.model_dir}: no graph passed its quality gate; re-export the artifact.")
+
+    def graph(self, **match: Any) -> Graph:
+        """The graph of the chosen precision whose fields equal ``match`` (e.g. cutoff_layers)."""
+        for g in self.manifest.graphs:
+            if g.precision == self.precision and all(getattr(g, k) == v for k, v in match.items()):
+                return g
+        raise ArtifactError(f"{self.model_dir}: no {self.precision} graph with {match}")
+
+    def backend_for(self, graph: Graph) -> Backend:
+        """The backend running ``graph``, created once (thread-safe)."""
+        be = self._backends.get(graph.file)
+        if be is None:
+            with self._lock:
+                be = self._backends.get(graph.file)
+                if be is None:
+                    be = self._make_backend(graph)
+                    self._backends[graph.file] = be
+        return be
+
+    def _make_backend(self, graph: Graph) -> Backend:
+        if self.backend_name == "triton":
+            from .triton_backend import TritonBackend
+
+            return TritonBackend(self.manifest, graph, **self._backend_options)
+        intra, inter, level, base = self._sess_options
+        opts = session_options(intra, inter, level, base)
+        return OrtBackend(self.manifest.path(graph.file), self.providers, opts)
+
+    # ---- batched execution ------------------------------------------------------------------
+    def _run_batches(self, sequences: Sequence[Sequence[int]], graph: Graph, output_names: Sequence[str],
+                     batch_size: int | None = None, multiple_of: int = 1,
+                     padding_side: str | None = None,
+                     extra_inputs: Any = None) -> Iterator[tuple[Batch, list[np.ndarray], np.ndarray]]:
+        """Yield (batch, outputs, attention_mask) per token-budget batch, longest first.
+
+        ``extra_inputs(batch, ids, mask)`` may return more named inputs for the graph.
+        """
+        backend = self.backend_for(graph)
+        lengths = [len(s) for s in sequences]
+        batches = plan_batches(lengths, self.length_buckets, self.token_budget,
+                               batch_size or self.batch_size, multiple_of)
+        side = padding_side or self.tokenizer.padding_side
+        for batch in progress(batches, enabled=self.show_progress_bar and len(batches) > 1,
+                              desc=type(self).__name__, unit="batch"):
+            ids, mask = pad([sequences[i] for i in batch.indices], batch.length, self.tokenizer.pad_token_id, side)
+            feeds = {"input_ids": ids, "attention_mask": mask}
+            if "token_type_ids" in backend.input_names:
+                feeds["token_type_ids"] = np.zeros_like(ids)
+            if extra_inputs is not None:
+                feeds.update(extra_inputs(batch, ids, mask))
+            yield batch, backend.run(feeds, output_names), mask
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.model_dir!r}, kind={self.manifest.kind}, precision={self.precision}, "
+                f"backend={self.backend_name}, providers={provider_names(self.providers)})")

@@ -1,0 +1,78 @@
+"""Length buckets and token-budget batching: the one place that decides how inputs are batched.
+
+Items are sorted by length (longest first, stable), then cut into consecutive batches so that
+``batch_len * padded_length <= token_budget`` and ``batch_len <= max_batch_size``; each batch is
+padded up to the smallest bucket that fits its longest item. Callers scatter results back with
+``Batch.indices`` so the caller's order is restored. Masked positions do not contribute to any
+output, so results do not depend on batch size, bucket or neighbours beyond float noise.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+DEFAULT_TOKEN_BUDGET = 16384
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Indices into the caller's list, and the padded length every row of the batch gets."""
+
+    indices: np.ndarray
+    length: int
+
+
+def bucket_for(n: int, buckets: Sequence[int], multiple_of: int = 1) -> int:
+    """Smallest bucket >= n; past the largest bucket, n itself (rounded up to ``multiple_of``)."""
+    i = bisect.bisect_left(buckets, n)
+    b = buckets[i] if i < len(buckets) else n
+    if multiple_of > 1:
+        b = -(-b // multiple_of) * multiple_of
+    return b
+
+
+def plan_batches(lengths: Sequence[int], buckets: Sequence[int], token_budget: int = DEFAULT_TOKEN_BUDGET,
+                 max_batch_size: int | None = None, multiple_of: int = 1) -> list[Batch]:
+    """Sort by length (longest first) and cut batches by padded-token budget and item count.
+
+    A single item longer than the budget still gets a batch of its own.
+    """
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {max_batch_size}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size == 0:
+        return []
+    buckets = sorted(buckets)
+    order = np.argsort(-lengths, kind="stable")
+    batches: list[Batch] = []
+    start = 0
+    n = len(order)
+    cap = max_batch_size or n
+    while start < n:
+        padded = bucket_for(int(lengths[order[start]]), buckets, multiple_of)
+        count = max(1, min(cap, token_budget // padded, n - start))
+        batches.append(Batch(indices=order[start:start + count], length=padded))
+        start += count
+    return batches
+
+
+def pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int, side: str = "right") -> tuple[np.ndarray, np.ndarray]:
+    """Pad id lists to ``length`` on ``side``; returns (ids, attention_mask), both int64 [B, length]."""
+    ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), length), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        k = len(seq)
+        if k > length:
+            raise ValueError(f"sequence of {k} tokens does not fit the padded length {length}")
+        if side == "left":
+            ids[row, length - k:] = seq
+            mask[row, length - k:] = 1
+        else:
+            ids[row, :k] = seq
+            mask[row, :k] = 1
+    return ids, mask

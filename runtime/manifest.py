@@ -1,0 +1,203 @@
+"""The artifact manifest: the only contract between bgert.export and bgert.runtime.
+
+An artifact directory holds ``manifest.json``, ``tokenizer.json`` and one or more ONNX graphs.
+The manifest names every file with its sha256, the model kind, the graphs (one per precision
+and, for layerwise rerankers, per cutoff), their inputs/outputs, pooling, normalisation, max
+length, instructions, special-token ids, length buckets and the parity measured at export.
+This module reads and checks it; it never imports torch or the exporter.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+#: model kinds the manifest may name; each maps to one runtime class (see bgert.runtime.load)
+KINDS = (
+    "embedder",            # encoder embedder (BGE v1/v1.5, sentence-transformers BERT)
+    "m3",                  # BGE-M3: dense + sparse + colbert
+    "reranker",            # cross-encoder
+    "llm_reranker",        # bge-reranker-v2-gemma
+    "layerwise_reranker",  # bge-reranker-v2-minicpm-layerwise
+    "lightweight_reranker",
+    "decoder_embedder",
+)
+
+
+class ArtifactError(RuntimeError):
+    """An artifact directory that cannot be served as it is (missing, damaged, or unknown)."""
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so multi-GB external data does not fill memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Graph:
+    """One ONNX graph of an artifact: a precision variant (and, for layerwise, a cutoff)."""
+
+    file: str
+    precision: str = "fp32"
+    cutoff_layers: list[int] | None = None
+    quality: dict[str, Any] = field(default_factory=dict)
+    gate_passed: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Graph":
+        known = {"file", "precision", "cutoff_layers", "quality", "gate_passed"}
+        return cls(
+            file=d["file"],
+            precision=d.get("precision", "fp32"),
+            cutoff_layers=d.get("cutoff_layers"),
+            quality=d.get("quality", {}),
+            gate_passed=d.get("gate_passed", True),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"file": self.file, "precision": self.precision,
+                             "quality": self.quality, "gate_passed": self.gate_passed}
+        if self.cutoff_layers is not None:
+            d["cutoff_layers"] = self.cutoff_layers
+        d.update(self.extra)
+        return d
+
+
+@dataclass
+class Manifest:
+    """Parsed manifest.json. ``raw`` keeps every key, including family-specific ones."""
+
+    root: str
+    raw: dict[str, Any]
+
+    # ---- common fields -------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.raw["kind"]
+
+    @property
+    def family(self) -> str:
+        return self.raw.get("family", "")
+
+    @property
+    def max_length(self) -> int:
+        return int(self.raw["max_length"])
+
+    @property
+    def graphs(self) -> list[Graph]:
+        return [Graph.from_dict(g) for g in self.raw.get("graphs", [])]
+
+    @property
+    def tokenizer_file(self) -> str:
+        return os.path.join(self.root, self.raw.get("tokenizer", {}).get("file", "tokenizer.json"))
+
+    @property
+    def tokenizer_info(self) -> dict[str, Any]:
+        return self.raw.get("tokenizer", {})
+
+    @property
+    def length_buckets(self) -> list[int]:
+        return list(self.raw.get("length_buckets") or default_buckets(self.max_length))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.raw.get(key, default)
+
+    def path(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    def precisions(self) -> list[str]:
+        seen: list[str] = []
+        for g in self.graphs:
+            if g.precision not in seen:
+                seen.append(g.precision)
+        return seen
+
+
+def default_buckets(max_length: int, smallest: int = 16) -> list[int]:
+    """Powers of two from ``smallest`` up to ``max_length``, with ``max_length`` itself last."""
+    out, b = [], smallest
+    while b < max_length:
+        out.append(b)
+        b *= 2
+    out.append(max_length)
+    return out
+
+
+def read_manifest(artifact_dir: str, verify: bool = True) -> Manifest:
+    """Load ``manifest.json`` from ``artifact_dir`` and, with ``verify``, check every file's sha256.
+
+    Raises ArtifactError naming the file and what to do when the directory is not an artifact,
+    the schema version is unknown, a listed file is missing, or a hash does not match.
+    """
+    artifact_dir = os.fspath(artifact_dir)
+    if not os.path.isdir(artifact_dir):
+        raise ArtifactError(f"{artifact_dir!r} is not a directory. Pass the directory written by "
+                            "`bgert export SRC --out DIR`.")
+    mpath = os.path.join(artifact_dir, MANIFEST_FILE)
+    if not os.path.isfile(mpath):
+        raise ArtifactError(f"{mpath} not found: {artifact_dir!r} is not a bgert artifact. "
+                            "Create one with `bgert export SRC --out DIR`.")
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{mpath} is not valid JSON ({e}). Re-export the artifact.") from e
+    if not isinstance(raw, dict) or "schema_version" not in raw:
+        raise ArtifactError(f"{mpath} has no schema_version: not a bgert manifest.")
+    version = raw["schema_version"]
+    if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+        raise ArtifactError(
+            f"{mpath} has schema_version {version!r}; this bgert reads version {SCHEMA_VERSION}. "
+            "Upgrade bgert (pip install -U bgert) or re-export the artifact with this version.")
+    if raw.get("kind") not in KINDS:
+        raise ArtifactError(f"{mpath} names kind {raw.get('kind')!r}; known kinds: {', '.join(KINDS)}.")
+    for key in ("max_length", "graphs", "files"):
+        if key not in raw:
+            raise ArtifactError(f"{mpath} lacks the required key {key!r}. Re-export the artifact.")
+    m = Manifest(root=artifact_dir, raw=raw)
+    if verify:
+        verify_files(m)
+    else:
+        for rel in raw["files"]:
+            if not os.path.isfile(m.path(rel)):
+                raise ArtifactError(f"{m.path(rel)} is listed in the manifest but missing. Re-export the artifact.")
+    return m
+
+
+def verify_files(m: Manifest) -> None:
+    """Check that every file the manifest lists exists and matches its sha256."""
+    for rel, expected in m.raw["files"].items():
+        p = m.path(rel)
+        if not os.path.isfile(p):
+            raise ArtifactError(f"{p} is listed in the manifest but missing. The artifact is incomplete: "
+                                "re-export it (bgert export ... --force).")
+        got = sha256_file(p)
+        if got != expected:
+            raise ArtifactError(f"{p} does not match its sha256 in the manifest (expected {expected[:12]}…, "
+                                f"got {got[:12]}…): the file was changed or damaged. Re-export the artifact.")
+
+
+def write_manifest(artifact_dir: str, raw: dict[str, Any]) -> str:
+    """Write ``manifest.json`` after hashing every file listed in ``raw['files']`` (keys only)."""
+    raw = dict(raw)
+    raw["schema_version"] = SCHEMA_VERSION
+    raw["files"] = {rel: sha256_file(os.path.join(artifact_dir, rel)) for rel in sorted(raw["files"])}
+    path = os.path.join(artifact_dir, MANIFEST_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(raw, f, indent=2, sort_keys=False, ensure_ascii=False)
+        f.write("\n")
+    return path

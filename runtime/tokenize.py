@@ -1,0 +1,102 @@
+"""Tokenisation with the `tokenizers` library from an artifact's tokenizer.json.
+
+Any padding or truncation stored inside tokenizer.json is switched off: the runtime decides
+truncation (per call, by max_length, counting special tokens, like HF's ``truncation=True``) and
+padding (by length bucket, in bgert.runtime.batching).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Sequence
+
+from tokenizers import Tokenizer
+
+log = logging.getLogger("bgert")
+
+
+def check_texts(texts: Any, what: str = "sentences") -> tuple[list[str], bool]:
+    """Normalise input to (list of str, was_single). Raises TypeError/ValueError naming the bad item."""
+    if isinstance(texts, str):
+        items, single = [texts], True
+    elif isinstance(texts, (list, tuple)):
+        items, single = list(texts), False
+    elif hasattr(texts, "__iter__") and not isinstance(texts, (bytes, dict)):
+        items, single = list(texts), False
+    else:
+        raise TypeError(f"{what} must be a str or a list of str, got {type(texts).__name__}")
+    for i, t in enumerate(items):
+        if not isinstance(t, str):
+            raise TypeError(f"{what}[{i}] is {type(t).__name__}, expected str")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{what}[{i}] is not valid Unicode text (lone surrogate at position "
+                             f"{e.start}); clean it, e.g. text.encode('utf-8', 'replace').decode()") from e
+    return items, single
+
+
+class TextTokenizer:
+    """Thread-safe wrapper around a `tokenizers.Tokenizer`, with per-max-length truncation."""
+
+    def __init__(self, path: str, info: dict[str, Any] | None = None):
+        with open(path, encoding="utf-8") as f:
+            self._json = f.read()
+        self.info = dict(info or {})
+        self._plain = self._fresh()
+        self._truncating: dict[int, Tokenizer] = {}
+        self._lock = threading.Lock()
+        self._warned = False
+        pad = self.info.get("pad_token_id")
+        self.pad_token_id: int = int(pad) if pad is not None else 0
+        self.padding_side: str = self.info.get("padding_side", "right")
+
+    def _fresh(self) -> Tokenizer:
+        tok = Tokenizer.from_str(self._json)
+        tok.no_padding()
+        tok.no_truncation()
+        return tok
+
+    def _for_length(self, max_length: int | None) -> Tokenizer:
+        if max_length is None:
+            return self._plain
+        tok = self._truncating.get(max_length)
+        if tok is None:
+            with self._lock:
+                tok = self._truncating.get(max_length)
+                if tok is None:
+                    tok = self._fresh()
+                    tok.enable_truncation(max_length=max_length, strategy="longest_first", direction="right")
+                    self._truncating[max_length] = tok
+        return tok
+
+    def encode(self, texts: Sequence[str], max_length: int | None = None,
+               add_special_tokens: bool = True) -> list[list[int]]:
+        """Token ids per text, truncated to ``max_length`` tokens (special tokens included)."""
+        if not texts:
+            return []
+        encs = self._for_length(max_length).encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        if max_length is not None and not self._warned and any(e.overflowing for e in encs):
+            self._warned = True
+            log.warning("bgert: some inputs are longer than max_length=%d tokens and were truncated "
+                        "(as the reference does). This is reported once per model.", max_length)
+        return [e.ids for e in encs]
+
+    def encode_pairs(self, firsts: Sequence[str], seconds: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """Ids of each side tokenised alone without special tokens (for pair assembly by rerankers)."""
+        a = self._plain.encode_batch(list(firsts), add_special_tokens=False) if firsts else []
+        b = self._plain.encode_batch(list(seconds), add_special_tokens=False) if seconds else []
+        return [(x.ids, y.ids) for x, y in zip(a, b)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self._plain.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._plain.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._plain.id_to_token(i)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._plain.get_vocab_size(with_added_tokens=True)
