@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Iterator, Sequence
 import numpy as np
 
 from .backends import Backend, OrtBackend, ProviderSpec, provider_names, resolve_providers, session_options
+from .batcher import BatchedAPI
 from .batching import DEFAULT_TOKEN_BUDGET, Batch, pad, plan_batches
 from .manifest import ArtifactError, Graph, Manifest, read_manifest
 from .progress import progress
@@ -27,8 +28,12 @@ CPU_PREFERENCE = ("int8", "fp32", "int8-static", "fp16")
 GPU_PREFERENCE = ("fp16", "fp32", "int8-static", "int8")
 
 
-class BgeModel:
-    """Base of the runtime classes. Not used directly: see Embedder, M3Embedder, Reranker…"""
+class BgeModel(BatchedAPI):
+    """Base of the runtime classes. Not used directly: see Embedder, M3Embedder, Reranker…
+
+    Every class also gets the online-serving API of bgert.runtime.batcher: ``a<method>``
+    coroutines (``aencode``, ``acompute_score``…), ``submit()``, ``start_batcher()``, ``close()``.
+    """
 
     kinds: ClassVar[tuple[str, ...]] = ()
 

@@ -1,0 +1,322 @@
+"""Online serving (bgert.runtime.batcher): concurrent callers get exactly what encoding alone gives,
+ownership and order under many interleaved requests, graceful shutdown, cancellation,
+back-pressure, and errors that stay with their request."""
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from bgert.runtime import Embedder
+from bgert.runtime.batcher import (PAIRS, TEXTS, BatchedAPI, BatcherClosedError, MicroBatcher, QueueFullError,
+                                   split_result)
+
+TEXTS_MIX = [
+    "", "a", "what is panda?", "北京是中华人民共和国的首都。", "🐼🎋 emoji 👩‍💻",
+    "The giant panda (Ailuropoda melanoleuca) is a bear species endemic to China.",
+    "panda " * 700,  # past the model's max length: truncated
+    "BM25 is a bag-of-words retrieval function that ranks a set of documents.",
+]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bge_art):
+    m = Embedder(tiny_bge_art, intra_op_num_threads=1)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def gate(model, monkeypatch):
+    """Make the model's encode block until ``gate.open()``: requests pile up behind a running batch."""
+    class Gate:
+        entered = threading.Event()
+        released = threading.Event()
+
+        def open(self) -> None:
+            self.released.set()
+
+    g = Gate()
+    real = model.encode
+
+    def encode(*args, **kwargs):
+        g.entered.set()
+        assert g.released.wait(30), "the test never opened the gate"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "encode", encode)
+    yield g
+    g.open()
+
+
+def close_to(a, b, tol=1e-5):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(close_to(a[k], b[k], tol) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(close_to(x, y, tol) for x, y in zip(a, b))
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and float(np.abs(a - b).max(initial=0)) <= tol
+
+
+def test_api_surface(model):
+    assert callable(model.aencode) and callable(model.aencode_queries) and callable(model.aencode_corpus)
+    assert not hasattr(model, "acompute_score")  # only methods the class has get a twin
+    assert asyncio.iscoroutinefunction(Embedder.aencode)
+    with pytest.raises(ValueError, match="not a batched method"):
+        model.submit("dim", ["x"])
+
+
+def test_concurrent_callers_equal_encoding_alone(model):
+    rng = random.Random(0)
+    requests = []  # (method, first argument, kwargs)
+    for i in range(60):
+        k = rng.choice([0, 1, 1, 2, 3])
+        arg = rng.choice(TEXTS_MIX) if k == 0 else rng.sample(TEXTS_MIX, k)
+        method = rng.choice(["encode", "encode", "encode_queries", "encode_corpus"])
+        kwargs = rng.choice([{}, {}, {"max_length": 8}, {"convert_to_numpy": False}])
+        requests.append((method, arg, kwargs))
+    requests.append(("encode", [], {}))
+    model.start_batcher(max_wait_ms=50)
+
+    async def main():
+        return await asyncio.gather(*(getattr(model, "a" + m)(arg, **kw) for m, arg, kw in requests))
+
+    got = asyncio.run(main())
+    stats = model.batcher.stats()
+    assert stats["calls"] < len(requests) / 3, stats  # requests really were merged
+    for (method, arg, kw), g in zip(requests, got):
+        alone = getattr(model, method)(arg, **kw)
+        assert type(g) is type(alone) and close_to(g, alone), (method, arg, kw)
+    assert got[-1].shape == (0, model.dim)
+    single = [g for (_, arg, _), g in zip(requests, got) if isinstance(arg, str)]
+    assert single and all(np.ndim(g) == 1 for g in single)
+
+
+def test_ownership_under_1000_interleaved_requests(model):
+    texts = [f"request {i} says {' '.join(['panda'] * (i % 7))} {i * 7919 % 1000}" for i in range(1000)]
+    ref = {"encode": model.encode(texts), "encode_queries": model.encode_queries(texts)}
+    batcher = model.start_batcher(max_wait_ms=2, max_batch_items=64)
+    results: dict[int, object] = {}
+    plan = [(i, "encode_queries" if i % 3 == 0 else "encode", list(range(i, min(i + 1 + i % 3, 1000))))
+            for i in range(1000)]
+    order = list(range(1000))
+    random.Random(1).shuffle(order)
+
+    def client(part):
+        futs = [(j, model.submit(plan[j][1], [texts[t] for t in plan[j][2]])) for j in part]
+        for j, f in futs:
+            results[j] = f.result(timeout=60)
+
+    threads = [threading.Thread(target=client, args=(order[k::8],)) for k in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(results) == 1000
+    for j, method, idx in plan:
+        np.testing.assert_allclose(results[j], ref[method][idx], atol=1e-5, rtol=0)
+    stats = batcher.stats()
+    assert stats["requests"] == 1000 and stats["calls"] < 500, stats
+
+
+def test_close_finishes_requests_in_flight(model):
+    batcher = model.start_batcher(max_wait_ms=60_000)  # only close() can make these run soon
+    futs = [model.submit("encode", [t]) for t in TEXTS_MIX * 4]
+    t = time.monotonic()
+    batcher.close()
+    assert time.monotonic() - t < 30 and all(f.done() for f in futs)
+    for f, text in zip(futs, TEXTS_MIX * 4):
+        np.testing.assert_allclose(f.result(), model.encode([text]), atol=1e-5, rtol=0)
+    with pytest.raises(BatcherClosedError):
+        batcher.submit("encode", ["late"])
+    # the model itself stays usable: its next batched call starts a new batcher
+    model.start_batcher(max_wait_ms=1)
+    assert model.submit("encode", "again").result(timeout=30).shape == (model.dim,)
+
+
+def test_aclose_with_async_callers_in_flight(model):
+    model.start_batcher(max_wait_ms=60_000)
+
+    async def main():
+        tasks = [asyncio.ensure_future(model.aencode(t)) for t in TEXTS_MIX]
+        await asyncio.sleep(0)  # let every task queue its request
+        await model.aclose()
+        return await asyncio.gather(*tasks)
+
+    got = asyncio.run(main())
+    np.testing.assert_allclose(np.stack(got), model.encode(TEXTS_MIX), atol=1e-5, rtol=0)
+    model.start_batcher(max_wait_ms=1)
+
+
+def test_cancelled_waiting_callers_do_not_break_the_batcher(model, gate):
+    batcher = model.start_batcher(max_wait_ms=0)
+
+    async def main():
+        first = asyncio.ensure_future(model.aencode("first"))
+        while not gate.entered.is_set():  # the worker is now inside a model call
+            await asyncio.sleep(0.01)
+        tasks = [asyncio.ensure_future(model.aencode([t])) for t in TEXTS_MIX]
+        await asyncio.sleep(0.05)
+        for t in tasks[::2]:
+            t.cancel()
+        await asyncio.wait(tasks[::2])  # cancelled on the loop before the worker may take them
+        await asyncio.get_running_loop().run_in_executor(None, gate.open)
+        done = await asyncio.gather(first, *tasks, return_exceptions=True)
+        after = await model.aencode(["after", "the cancellations"])
+        return done, after
+
+    done, after = asyncio.run(main())
+    assert all(isinstance(d, asyncio.CancelledError) for d in done[1::2])
+    kept = TEXTS_MIX[1::2]
+    np.testing.assert_allclose(np.concatenate(done[2::2]), model.encode(kept), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(after, model.encode(["after", "the cancellations"]), atol=1e-5, rtol=0)
+    assert batcher.stats()["items"] == 1 + len(kept) + 2  # cancelled requests never ran
+
+
+def test_back_pressure_raise(model, gate):
+    batcher = model.start_batcher(max_wait_ms=0, max_queue_items=4, on_full="raise")
+    running = model.submit("encode", "running")
+    assert gate.entered.wait(30)
+    queued = [model.submit("encode", [f"queued {i}"]) for i in range(4)]
+    with pytest.raises(QueueFullError, match="max_queue_items=4"):
+        model.submit("encode", ["one too many"])
+    gate.open()
+    assert running.result(timeout=30).shape == (model.dim,)
+    assert all(f.result(timeout=30).shape == (1, model.dim) for f in queued)
+    # a request larger than the whole queue is still admitted when the queue is empty
+    assert batcher.submit("encode", ["x"] * 10).result(timeout=30).shape == (10, model.dim)
+
+
+def test_back_pressure_wait_sync_and_async(model, gate):
+    model.start_batcher(max_wait_ms=0, max_queue_items=2, on_full="wait")
+    model.submit("encode", "running")
+    assert gate.entered.wait(30)
+    queued = [model.submit("encode", [f"queued {i}"]) for i in range(2)]
+    blocked: list = []
+    th = threading.Thread(target=lambda: blocked.append(model.submit("encode", ["waits"]).result(timeout=30)))
+    th.start()
+
+    async def main():
+        waiting = asyncio.ensure_future(model.aencode(["waits too"]))
+        ticks = 0
+        for _ in range(10):  # the event loop keeps running while the caller waits for room
+            await asyncio.sleep(0.02)
+            ticks += 1
+        assert ticks == 10 and not waiting.done() and th.is_alive()
+        await asyncio.get_running_loop().run_in_executor(None, gate.open)
+        return await waiting
+
+    got = asyncio.run(main())
+    th.join(30)
+    np.testing.assert_allclose(got, model.encode(["waits too"]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(blocked[0], model.encode(["waits"]), atol=1e-5, rtol=0)
+    assert all(f.result(timeout=30).shape == (1, model.dim) for f in queued)
+
+
+def test_bad_request_fails_alone(model):
+    model.start_batcher(max_wait_ms=50)
+
+    async def main():
+        return await asyncio.gather(model.aencode(["good", "one"]), model.aencode(["ok", 3]),
+                                    model.aencode(42), model.aencode("good two"), model.aencode(["\ud800"]),
+                                    return_exceptions=True)
+
+    good1, bad_item, bad_type, good2, bad_text = asyncio.run(main())
+    assert isinstance(bad_item, TypeError) and "sentences[1] is int" in str(bad_item)
+    assert isinstance(bad_type, TypeError) and isinstance(bad_text, ValueError)
+    np.testing.assert_allclose(good1, model.encode(["good", "one"]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(good2, model.encode("good two"), atol=1e-5, rtol=0)
+
+
+def test_failure_inside_a_merged_call_stays_with_its_request(model, monkeypatch):
+    real = model.encode
+
+    def encode(sentences, *args, **kwargs):
+        if "POISON" in sentences:
+            raise RuntimeError("this input breaks the model")
+        return real(sentences, *args, **kwargs)
+
+    monkeypatch.setattr(model, "encode", encode)
+    batcher = model.start_batcher(max_wait_ms=60_000, max_batch_items=6)  # fills at exactly 6 items
+    futs = [model.submit("encode", t) for t in ["a", "b", ["POISON", "c"], "d", "e"]]
+    results = [f.exception(timeout=30) or f.result() for f in futs]
+    assert isinstance(results[2], RuntimeError) and "breaks the model" in str(results[2])
+    for r, t in zip(results[:2] + results[3:], "abde"):
+        np.testing.assert_allclose(r, real(t), atol=1e-5, rtol=0)
+    assert batcher.stats()["isolated"] == 5
+    batcher.close()
+
+
+def test_options_are_checked(model):
+    with pytest.raises(ValueError, match="on_full"):
+        model.start_batcher(on_full="drop")
+    with pytest.raises(ValueError, match="max_wait_ms"):
+        model.start_batcher(max_wait_ms=-1)
+    with pytest.raises(ValueError, match="max_queue_items"):
+        model.start_batcher(max_queue_items=0)
+
+
+# ---- family-independent pieces: result splitting and pair inputs ------------------------------
+def test_split_result_shapes_of_every_family():
+    n = 5
+    dense = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
+    m3 = {"dense_vecs": dense, "lexical_weights": [{"7": 0.5 * i} for i in range(n)],
+          "colbert_vecs": [np.full((i + 1, 2), i, np.float32) for i in range(n)], "extra": None}
+    part = split_result(m3, 1, 3, n)
+    assert np.array_equal(part["dense_vecs"], dense[1:3]) and part["extra"] is None
+    assert part["lexical_weights"] == [{"7": 0.5}, {"7": 1.0}] and len(part["colbert_vecs"]) == 2
+    assert TEXTS.unwrap(split_result(m3, 2, 3, n))["colbert_vecs"].shape == (3, 2)
+    assert split_result([0.1, 0.2, 0.3, 0.4, 0.5], 3, 5, n) == [0.4, 0.5]
+    layers = [[float(i + 10 * c) for i in range(n)] for c in range(2)]  # layerwise: one list per cutoff
+    assert split_result(layers, 1, 2, n) == [[1.0], [11.0]]
+    assert PAIRS.unwrap([0.25]) == [0.25]  # FlagReranker gives a list even for one pair
+    assert PAIRS.unwrap({"dense": [0.25], "sparse": [0.5]}) == {"dense": 0.25, "sparse": 0.5}  # M3 scores
+    with pytest.raises(TypeError, match="N inputs to N outputs"):
+        split_result(3.0, 0, 1, n)
+
+
+class _FakeReranker(BatchedAPI):
+    """A reranker-shaped class (pairs in, one score per pair; several cutoffs: layer-major)."""
+
+    def compute_score(self, sentence_pairs, normalize=False, cutoff_layers=None):
+        pairs = [sentence_pairs] if isinstance(sentence_pairs[0], str) else list(sentence_pairs)
+        scores = [float(len(q) * 100 + len(p)) for q, p in pairs]
+        if normalize:
+            scores = [s / 1e4 for s in scores]
+        if cutoff_layers and len(cutoff_layers) > 1:
+            return [[s + c for s in scores] for c in cutoff_layers]
+        return scores
+
+
+def test_pairs_through_the_batcher():
+    rr = _FakeReranker()
+    assert asyncio.iscoroutinefunction(_FakeReranker.acompute_score) and not hasattr(rr, "aencode")
+    rr.start_batcher(max_wait_ms=50)
+    reqs = [(("q", "pp"), {}), ([("qq", "p"), ("q", "")], {}), ([("qqq", "ppp")], {"normalize": True}),
+            (("q", "p"), {"cutoff_layers": [2, 3]}), ([("qq", "pp"), ("qqqq", "p")], {"cutoff_layers": [2, 3]}),
+            ([], {})]
+
+    async def main():
+        return await asyncio.gather(*(rr.acompute_score(a, **kw) for a, kw in reqs),
+                                    rr.acompute_score([("q", 1)]), rr.acompute_score(["q"]),
+                                    return_exceptions=True)
+
+    *got, bad_item, bad_pair = asyncio.run(main())
+    for (a, kw), g in zip(reqs[:-1], got):
+        assert g == rr.compute_score(a, **kw), (a, kw)
+    assert got[-1] == []
+    assert isinstance(bad_item, TypeError) and "sentence_pairs[0][1] is int" in str(bad_item)
+    assert isinstance(bad_pair, TypeError) and "is list of length 1, expected a (query, passage) pair" in str(bad_pair)
+    assert rr.batcher.stats()["calls"] < len(reqs)
+    rr.close()
+
+
+def test_micro_batcher_standalone_context_manager():
+    rr = _FakeReranker()
+    with MicroBatcher(rr, {"compute_score": PAIRS}, max_wait_ms=1) as b:
+        assert b.submit("compute_score", [("a", "b")]).result(timeout=30) == [101.0]
+    assert b.closed
