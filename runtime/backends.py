@@ -6,20 +6,16 @@ care where a graph runs.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, Union
+from typing import Protocol, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
-ProviderSpec = Union[str, tuple[str, dict[str, Any]]]
+from .providers import ProviderError, ProviderSpec, provider_names, resolve_providers
 
-_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "trt": "TensorrtExecutionProvider",
-}
-_AUTO_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+__all__ = ["Backend", "OrtBackend", "ProviderError", "ProviderSpec", "provider_names", "resolve_providers",
+           "session_options"]
+
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -28,46 +24,11 @@ _OPT_LEVELS = {
 }
 
 
-class ProviderError(ValueError):
-    """A requested execution provider is unknown, not installed, or was silently dropped by ORT."""
-
-
 class Backend(Protocol):
     input_names: list[str]
 
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         ...
-
-
-def resolve_providers(providers: str | Sequence[ProviderSpec] | None) -> list[ProviderSpec]:
-    """Turn ``None`` / ``"auto"`` / names / (name, options) pairs into ORT's provider list.
-
-    ``None`` means CPU. ``"auto"`` means TensorRT → CUDA → CPU, as installed. Short names
-    (cpu, cuda, tensorrt) are accepted. Unknown or unavailable names raise ProviderError
-    listing what this onnxruntime build has.
-    """
-    available = ort.get_available_providers()
-    if providers is None:
-        return ["CPUExecutionProvider"]
-    if isinstance(providers, str):
-        if providers == "auto":
-            return [p for p in _AUTO_ORDER if p in available]
-        providers = [providers]
-    out: list[ProviderSpec] = []
-    for p in providers:
-        name, opts = (p, None) if isinstance(p, str) else (p[0], dict(p[1]))
-        name = _ALIASES.get(name.lower(), name) if isinstance(name, str) else name
-        if name not in available:
-            raise ProviderError(
-                f"execution provider {name!r} is not available in this onnxruntime "
-                f"({ort.__version__}); available: {', '.join(available)}. "
-                "For CUDA/TensorRT install bgert[gpu] (onnxruntime-gpu) in place of onnxruntime.")
-        out.append(name if opts is None else (name, opts))
-    return out
-
-
-def provider_names(providers: Sequence[ProviderSpec]) -> list[str]:
-    return [p if isinstance(p, str) else p[0] for p in providers]
 
 
 def session_options(intra_op_num_threads: int | None = None, inter_op_num_threads: int | None = None,
@@ -99,9 +60,10 @@ class OrtBackend:
         got = self.session.get_providers()
         missing = [p for p in wanted if p not in got]
         if missing:
-            raise ProviderError(f"onnxruntime dropped {', '.join(missing)} while loading {path} "
-                                f"(it runs on {', '.join(got)}); check the CUDA/TensorRT libraries, "
-                                "or ask for providers=['CPUExecutionProvider'].")
+            raise ProviderError(f"asked for {', '.join(wanted)} but onnxruntime silently dropped "
+                                f"{', '.join(missing)} while loading {path} (it would run on {', '.join(got)}); "
+                                "check that the CUDA/cuDNN/TensorRT libraries load (onnxruntime logs why), "
+                                "or ask for providers='auto' or 'cpu'.")
         self.providers = got
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -14,11 +14,13 @@ from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 
-from .backends import Backend, OrtBackend, ProviderSpec, provider_names, resolve_providers, session_options
+from .backends import Backend, ProviderSpec, provider_names, resolve_providers, session_options
 from .batcher import BatchedAPI
 from .batching import DEFAULT_TOKEN_BUDGET, Batch, pad, plan_batches
+from .iobinding import bucket_shapes
 from .manifest import ArtifactError, Graph, Manifest, read_manifest
 from .progress import progress
+from .providers import check_backend_options, make_ort_backend
 from .tokenize import TextTokenizer
 
 log = logging.getLogger("bgert")
@@ -67,6 +69,7 @@ class BgeModel(BatchedAPI):
         self._backends: dict[str, Backend] = {}
         if backend == "ort":
             self.providers = resolve_providers(providers)
+            check_backend_options(backend_options)  # io_binding, cuda_graph, tensorrt_* (bgert.runtime.providers)
             self._sess_options = (intra_op_num_threads, inter_op_num_threads, graph_optimization_level, sess_options)
         elif backend == "triton":
             self.providers = []
@@ -126,7 +129,9 @@ class BgeModel(BatchedAPI):
             return TritonBackend(self.manifest, graph, **self._backend_options)
         intra, inter, level, base = self._sess_options
         opts = session_options(intra, inter, level, base)
-        return OrtBackend(self.manifest.path(graph.file), self.providers, opts)
+        shapes = bucket_shapes(self.length_buckets, self.token_budget, self.batch_size)
+        return make_ort_backend(self.manifest.path(graph.file), self.manifest, graph, self.providers, opts, shapes,
+                                **self._backend_options)
 
     # ---- batched execution ------------------------------------------------------------------
     def _run_batches(self, sequences: Sequence[Sequence[int]], graph: Graph, output_names: Sequence[str],
