@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from typing import Any, Sequence
 
@@ -117,7 +118,8 @@ def export(src: str, out: str, *, kind: str = "auto", max_length: int | None = N
     precisions = list(dict.fromkeys(["fp32", *precisions]))
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    _remove_stale(out)
+    tmp = tempfile.mkdtemp(prefix=_work_prefix(out, "tmp"), dir=parent)
     steps = _Steps(["load", "trace", "optimize", "tokenizer", "parity", *precisions[1:], "write"], progress)
     try:
         torch.manual_seed(0)
@@ -206,12 +208,49 @@ def _replace(tmp: str, out: str) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
     old = None
     if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        old = tempfile.mkdtemp(prefix=_work_prefix(out, "old"), dir=os.path.dirname(out))
         os.rmdir(old)
         os.rename(out, old)
     os.rename(tmp, out)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _work_prefix(out: str, what: str) -> str:
+    """Name prefix of a hidden work directory beside ``out``: ``.NAME.tmp-HOST-PID-`` (or ``.old-``).
+
+    Host and pid let a later export tell whether the export that made it is still running.
+    """
+    return f".{os.path.basename(out)}.{what}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _remove_stale(out: str) -> None:
+    """Delete work directories beside ``out`` left by exports on this host whose process is gone.
+
+    A SIGKILL, OOM kill or power cut skips the cleanup in ``export``; the hidden directory would
+    otherwise keep a whole model's worth of disk. Directories of live exports are left alone.
+    """
+    parent, host = os.path.dirname(out), socket.gethostname()
+    for what in ("tmp", "old"):
+        prefix = f".{os.path.basename(out)}.{what}-{host}-"
+        for name in os.listdir(parent):
+            pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
+            if pid.isdigit() and not _alive(int(pid)):
+                log.warning("removing %s, left behind by an interrupted export", os.path.join(parent, name))
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (always true off POSIX, where we cannot ask safely)."""
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) would send CTRL_C_EVENT on Windows
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _pkg(name: str) -> str | None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .backends import Backend, ProviderSpec, provider_names, resolve_providers, session_options
 from .batcher import BatchedAPI
-from .batching import DEFAULT_TOKEN_BUDGET, Batch, pad, plan_batches
+from .batching import DEFAULT_TOKEN_BUDGET, Batch, check_buckets, pad, plan_batches
 from .iobinding import bucket_shapes
 from .manifest import ArtifactError, Graph, Manifest, read_manifest
 from .progress import progress
@@ -61,7 +61,7 @@ class BgeModel(BatchedAPI):
         self.max_length = self.manifest.max_length
         self.token_budget = int(token_budget)
         self.batch_size = int(batch_size)
-        self.length_buckets = sorted(length_buckets or self.manifest.length_buckets)
+        self.length_buckets = check_buckets(length_buckets or self.manifest.length_buckets, self.max_length)
         self.show_progress_bar = show_progress_bar
         self.backend_name = backend
         self._backend_options = backend_options

@@ -25,6 +25,15 @@ class Batch:
     length: int
 
 
+def check_buckets(buckets: Sequence[int], max_length: int) -> list[int]:
+    """Sorted length buckets; ValueError unless each is an int in 1..max_length (padding past the
+    model's positions would fail inside the graph)."""
+    out = sorted(buckets)
+    if not out or any(not isinstance(b, (int, np.integer)) or not 1 <= b <= max_length for b in out):
+        raise ValueError(f"length_buckets must be ints between 1 and max_length ({max_length}), got {list(buckets)}")
+    return [int(b) for b in out]
+
+
 def bucket_for(n: int, buckets: Sequence[int], multiple_of: int = 1) -> int:
     """Smallest bucket >= n; past the largest bucket, n itself (rounded up to ``multiple_of``)."""
     i = bisect.bisect_left(buckets, n)

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .base import BgeModel
-from .tokenize import check_texts
+from .tokenize import check_max_length, check_texts
 
 
 def format_instruction(instruction: str | None, fmt: str, texts: Sequence[str]) -> list[str]:
@@ -57,7 +57,7 @@ class Embedder(BgeModel):
         """
         texts, single = check_texts(sentences)
         texts = format_instruction(instruction, instruction_format, texts)
-        max_length = min(max_length or self.passage_max_length, self.max_length)
+        max_length = check_max_length(max_length or self.passage_max_length, self.max_length)
         normalize = self.normalize_embeddings if normalize_embeddings is None else normalize_embeddings
         if self.graph_normalizes and not normalize:
             raise ValueError("this artifact's graph outputs L2-normalised vectors; re-export with "

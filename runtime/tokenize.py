@@ -7,10 +7,13 @@ padding (by length bucket, in bgert.runtime.batching).
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 from typing import Any, Sequence
 
 from tokenizers import Tokenizer
+
+from .manifest import ArtifactError
 
 log = logging.getLogger("bgert")
 
@@ -19,6 +22,8 @@ def check_texts(texts: Any, what: str = "sentences") -> tuple[list[str], bool]:
     """Normalise input to (list of str, was_single). Raises TypeError/ValueError naming the bad item."""
     if isinstance(texts, str):
         items, single = [texts], True
+    elif isinstance(texts, (set, frozenset)):
+        raise TypeError(f"{what} is a {type(texts).__name__}, which has no order to match results to; pass a list")
     elif isinstance(texts, (list, tuple)):
         items, single = list(texts), False
     elif hasattr(texts, "__iter__") and not isinstance(texts, (bytes, dict)):
@@ -36,14 +41,28 @@ def check_texts(texts: Any, what: str = "sentences") -> tuple[list[str], bool]:
     return items, single
 
 
+def check_max_length(max_length: Any, limit: int | None = None) -> int:
+    """``max_length`` as a positive int, capped at the model's ``limit``; a clear error otherwise."""
+    try:
+        n = operator.index(max_length)
+    except TypeError:
+        raise TypeError(f"max_length must be an int, got {type(max_length).__name__}") from None
+    if n < 1:
+        raise ValueError(f"max_length must be >= 1, got {n}")
+    return n if limit is None else min(n, limit)
+
+
 class TextTokenizer:
     """Thread-safe wrapper around a `tokenizers.Tokenizer`, with per-max-length truncation."""
 
     def __init__(self, path: str, info: dict[str, Any] | None = None):
-        with open(path, encoding="utf-8") as f:
-            self._json = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                self._json = f.read()
+            self._plain = self._fresh()
+        except Exception as e:  # tokenizers raises a bare Exception for a damaged file
+            raise ArtifactError(f"{path} is not a readable tokenizer.json ({e}); re-export the artifact.") from e
         self.info = dict(info or {})
-        self._plain = self._fresh()
         self._truncating: dict[int, Tokenizer] = {}
         self._lock = threading.Lock()
         self._warned = False
@@ -60,6 +79,7 @@ class TextTokenizer:
     def _for_length(self, max_length: int | None) -> Tokenizer:
         if max_length is None:
             return self._plain
+        max_length = check_max_length(max_length)
         tok = self._truncating.get(max_length)
         if tok is None:
             with self._lock:
@@ -76,6 +96,13 @@ class TextTokenizer:
         if not texts:
             return []
         encs = self._for_length(max_length).encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        if max_length is not None:
+            # tokenizers skips truncation when max_length cannot even hold the special tokens
+            bad = next((i for i, e in enumerate(encs) if len(e.ids) > max_length), None)
+            if bad is not None:
+                raise ValueError(f"max_length={max_length} is too small: texts[{bad}] keeps {len(encs[bad].ids)} "
+                                 "tokens because truncation cannot drop the special tokens the tokenizer adds; "
+                                 "use a larger max_length.")
         if max_length is not None and not self._warned and any(e.overflowing for e in encs):
             self._warned = True
             log.warning("bgert: some inputs are longer than max_length=%d tokens and were truncated "
