@@ -5,6 +5,7 @@ import contextlib
 import io
 import logging
 import os
+import tempfile
 import warnings
 from typing import Any
 
@@ -24,15 +25,29 @@ def param_bytes(module: torch.nn.Module) -> int:
 def export_onnx(module: torch.nn.Module, sample: dict[str, torch.Tensor], path: str,
                 inputs: dict[str, dict[int, str]], outputs: dict[str, dict[int, str]],
                 opset: int = DEFAULT_OPSET) -> None:
-    """torch.onnx.export (TorchScript tracer) with named, dynamic batch/sequence axes."""
+    """torch.onnx.export (TorchScript tracer) with named, dynamic batch/sequence axes.
+
+    Weights above EXTERNAL_DATA_THRESHOLD go to one ``<file>.data`` beside the graph. The tracer
+    ignores ``external_data`` and, past 2 GB, writes one file per tensor, named so that two graphs
+    of one artifact (layerwise cutoffs) would overwrite each other's; so it writes into a scratch
+    directory and the graph is re-saved from there.
+    """
     axes = {**{k: v for k, v in inputs.items() if k in sample}, **outputs}
     args = tuple(sample[k] for k in inputs if k in sample)
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, path, input_names=[k for k in inputs if k in sample],
-                          output_names=list(outputs), dynamic_axes=axes, opset_version=opset,
-                          do_constant_folding=True, dynamo=False,
-                          external_data=param_bytes(module) > EXTERNAL_DATA_THRESHOLD)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path) or None) as scratch:
+        traced = os.path.join(scratch, "model.onnx")
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, traced, input_names=[k for k in inputs if k in sample],
+                              output_names=list(outputs), dynamic_axes=axes, opset_version=opset,
+                              do_constant_folding=True, dynamo=False)
+        if param_bytes(module) > EXTERNAL_DATA_THRESHOLD or len(os.listdir(scratch)) > 1:
+            import onnx
+
+            onnx.save_model(onnx.load(traced), path, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=os.path.basename(path) + ".data")
+        else:
+            os.replace(traced, path)
 
 
 def optimize(path: str, model_type: str | None, num_heads: int = 0, hidden_size: int = 0) -> dict[str, Any]:

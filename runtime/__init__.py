@@ -11,6 +11,7 @@ from .backends import ProviderError, resolve_providers
 from .base import BgeModel
 from .embedder import Embedder
 from .manifest import ArtifactError, Manifest, read_manifest
+from .reranker import LayerwiseReranker, LLMReranker, Reranker
 
 _CLASSES: dict[str, type[BgeModel]] = {"embedder": Embedder}
 
@@ -18,6 +19,11 @@ _CLASSES: dict[str, type[BgeModel]] = {"embedder": Embedder}
 def register(kind: str, cls: type[BgeModel]) -> None:
     """Make ``load()`` return ``cls`` for artifacts of ``kind`` (each family module calls this)."""
     _CLASSES[kind] = cls
+
+
+register("reranker", Reranker)
+register("llm_reranker", LLMReranker)
+register("layerwise_reranker", LayerwiseReranker)
 
 
 def class_for_kind(kind: str) -> type[BgeModel]:
@@ -35,3 +41,4 @@ def load(model_dir: str | os.PathLike, **kwargs: Any) -> BgeModel:
 
 __all__ = ["ArtifactError", "BgeModel", "Embedder", "Manifest", "ProviderError", "load", "read_manifest",
            "register", "resolve_providers"]
+__all__ += ["LLMReranker", "LayerwiseReranker", "Reranker"]

@@ -1,0 +1,296 @@
+"""Rerankers with FlagEmbedding 1.4.2's ``compute_score``.
+
+* ``Reranker``: cross-encoders (FlagReranker: bge-reranker-base, -large, -v2-m3).
+* ``LLMReranker``: bge-reranker-v2-gemma (FlagLLMReranker).
+* ``LayerwiseReranker``: bge-reranker-v2-minicpm-layerwise (LayerWiseFlagLLMReranker), early exit.
+
+Inputs are assembled as the reference does, from tokenizer.json and the manifest alone: each side
+of a pair is tokenised without special tokens and truncated on its own (the query to
+``query_max_length``, by default ``max_length*3//4``; the passage to ``max_length``), then the pair
+is joined and only the passage is trimmed to fit (HF's ``truncation='only_second'``). Scores come
+back as a ``list`` of Python floats, also for a single pair; ``normalize=True`` applies the sigmoid
+in float64.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .base import BgeModel
+from .batching import Batch, pad
+from .embedder import format_instruction
+from .manifest import ArtifactError, Graph
+from .tokenize import check_max_length, check_texts
+
+log = logging.getLogger("bgert")
+
+Pair = tuple[str, str]
+#: placeholders for the query and the passage in a cross-encoder's stored pair template
+FIRST, SECOND = -1, -2
+
+
+def sigmoid(scores: Sequence[float]) -> list[float]:
+    """FlagEmbedding's normalisation: 1/(1+exp(-x)) in float64."""
+    return [float(1 / (1 + np.exp(-np.float64(x)))) for x in scores]
+
+
+def check_pairs(sentence_pairs: Any) -> list[Pair]:
+    """One (query, passage) pair or a list of them → list of pairs; TypeError naming a bad item."""
+    if isinstance(sentence_pairs, (list, tuple)) and sentence_pairs and isinstance(sentence_pairs[0], str):
+        sentence_pairs = [sentence_pairs]
+    if not isinstance(sentence_pairs, (list, tuple)):
+        raise TypeError("sentence_pairs must be a (query, passage) pair or a list of pairs, "
+                        f"got {type(sentence_pairs).__name__}")
+    pairs = []
+    for i, pair in enumerate(sentence_pairs):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise TypeError(f"sentence_pairs[{i}] must be a (query, passage) pair, got {pair!r:.80}")
+        query, passage = check_texts(list(pair), f"sentence_pairs[{i}]")[0]
+        pairs.append((query, passage))
+    return pairs
+
+
+def keep_first(ids: list[int], n: int, side: str) -> list[int]:
+    """Truncate to ``n`` ids from the end (``side='right'``) or the start, like HF truncation."""
+    if len(ids) <= n:
+        return ids
+    return ids[:n] if side == "right" else ids[len(ids) - n:]
+
+
+def trim_second(first_len: int, second: list[int], limit: int, side: str) -> list[int]:
+    """HF ``prepare_for_model(truncation='only_second')``: cut the excess from the second sequence;
+    when it is too short to absorb the excess, HF cuts nothing, and neither does this."""
+    excess = first_len + len(second) - limit
+    if excess <= 0 or len(second) <= excess:
+        return second
+    return second[:-excess] if side == "right" else second[excess:]
+
+
+class _PairReranker(BgeModel):
+    """Shared part of the rerankers: settings, pair tokenisation, batched scoring, normalisation."""
+
+    def __init__(self, model_dir: str, *, query_max_length: int | None = None, max_length: int | None = None,
+                 normalize: bool = False, query_instruction_for_rerank: str | None = None,
+                 query_instruction_format: str = "{}{}", passage_instruction_for_rerank: str | None = None,
+                 passage_instruction_format: str = "{}{}", **kwargs: Any):
+        super().__init__(model_dir, **kwargs)
+        m = self.manifest
+        self.model_max_length = m.max_length
+        self.max_length = check_max_length(m.get("default_max_length", 512) if max_length is None else max_length,
+                                           self.model_max_length)
+        self.query_max_length = query_max_length
+        self.normalize = normalize
+        self.query_instruction_for_rerank = (query_instruction_for_rerank if query_instruction_for_rerank is not None
+                                             else m.get("query_instruction_for_rerank"))
+        self.query_instruction_format = query_instruction_format
+        self.passage_instruction_for_rerank = (passage_instruction_for_rerank
+                                               if passage_instruction_for_rerank is not None
+                                               else m.get("passage_instruction_for_rerank"))
+        self.passage_instruction_format = passage_instruction_format
+        self.truncation_side = m.get("truncation_side", "right")
+        self.output_name = m.get("output_name", "score")
+        self.pad_to_multiple_of = int(m.get("pad_to_multiple_of", 1))
+        self._warned_truncation = False
+
+    def _lengths(self, query_max_length: int | None, max_length: int | None) -> tuple[int, int]:
+        """(query_max_length, max_length) for one call, with FlagEmbedding's defaults."""
+        max_length = check_max_length(self.max_length if max_length is None else max_length, self.model_max_length)
+        if query_max_length is None:
+            query_max_length = self.query_max_length if self.query_max_length is not None else max_length * 3 // 4
+        return check_max_length(query_max_length), max_length
+
+    def _sides(self, pairs: list[Pair], query_max_length: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+        """Each side with its instruction, tokenised without special tokens and truncated on its own."""
+        queries = format_instruction(self.query_instruction_for_rerank, self.query_instruction_format,
+                                     [q for q, _ in pairs])
+        passages = format_instruction(self.passage_instruction_for_rerank, self.passage_instruction_format,
+                                      [p for _, p in pairs])
+        sides = self.tokenizer.encode_pairs(queries, passages)
+        if not self._warned_truncation and any(len(q) > query_max_length or len(p) > max_length for q, p in sides):
+            self._warned_truncation = True
+            log.warning("bgert: some queries/passages are longer than query_max_length=%d / max_length=%d tokens "
+                        "and were truncated (as the reference does). This is reported once per model.",
+                        query_max_length, max_length)
+        return [(keep_first(q, query_max_length, self.truncation_side), keep_first(p, max_length, self.truncation_side))
+                for q, p in sides]
+
+    def _check_fits(self, sequences: Sequence[Sequence[int]]) -> None:
+        for i, s in enumerate(sequences):
+            if len(s) > self.model_max_length:
+                raise ValueError(f"sentence_pairs[{i}] needs {len(s)} tokens, more than this model's "
+                                 f"{self.model_max_length} positions: only the passage is cut to fit max_length, "
+                                 "so lower query_max_length (or max_length).")
+
+    def _run(self, sequences: Sequence[Sequence[int]], graph: Graph, batch_size: int | None,
+             extra_inputs: Callable[[Batch, np.ndarray, np.ndarray], dict[str, np.ndarray]] | None = None
+             ) -> np.ndarray:
+        """Scores of the graph's output for every sequence, in the caller's order ([n] or [n, k])."""
+        self._check_fits(sequences)
+        out: np.ndarray | None = None
+        for batch, (scores,), _ in self._run_batches(sequences, graph, [self.output_name], batch_size,
+                                                     self.pad_to_multiple_of, extra_inputs=extra_inputs):
+            if out is None:
+                out = np.zeros((len(sequences), *scores.shape[1:]), dtype=np.float32)
+            out[batch.indices] = scores
+        return out
+
+    def _finish(self, scores: np.ndarray, normalize: bool | None) -> list[float]:
+        normalize = self.normalize if normalize is None else normalize
+        return sigmoid(scores) if normalize else scores.tolist()
+
+
+class Reranker(_PairReranker):
+    """Cross-encoder reranker with FlagReranker's ``compute_score``.
+
+    >>> r = Reranker("artifacts/bge-reranker-v2-m3")
+    >>> r.compute_score([["what is panda?", "The giant panda is a bear."], ["what is panda?", "hi"]])
+    [5.26, -8.18]
+    """
+
+    kinds = ("reranker",)
+
+    def __init__(self, model_dir: str, **kwargs: Any):
+        super().__init__(model_dir, **kwargs)
+        template = self.manifest.get("pair_template") or {}
+        self._template = list(template.get("input_ids") or [])
+        if self._template.count(FIRST) != 1 or self._template.count(SECOND) != 1:
+            raise ArtifactError(f"{self.model_dir}: the manifest's pair_template is missing or damaged; "
+                                "re-export the artifact.")
+        self._template_types = template.get("token_type_ids")
+        self._n_special = len(self._template) - 2
+
+    def _assemble(self, query: list[int], passage: list[int], max_length: int) -> tuple[list[int], list[int]]:
+        """Special tokens around the pair (the tokenizer's own template), the passage trimmed to fit."""
+        passage = trim_second(len(query) + self._n_special, passage, max_length, self.truncation_side)
+        ids: list[int] = []
+        types: list[int] = []
+        for pos, tok in enumerate(self._template):
+            piece = query if tok == FIRST else passage if tok == SECOND else [tok]
+            ids += piece
+            types += [self._template_types[pos] if self._template_types else 0] * len(piece)
+        return ids, types
+
+    def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
+                      query_max_length: int | None = None, max_length: int | None = None,
+                      normalize: bool | None = None) -> list[float]:
+        """Relevance logit per (query, passage) pair (sigmoid with ``normalize=True``), as a list."""
+        pairs = check_pairs(sentence_pairs)
+        if not pairs:
+            return []
+        query_max_length, max_length = self._lengths(query_max_length, max_length)
+        built = [self._assemble(q, p, max_length) for q, p in self._sides(pairs, query_max_length, max_length)]
+        types = [t for _, t in built]
+
+        def token_types(batch: Batch, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+            side = self.tokenizer.padding_side
+            return {"token_type_ids": pad([types[i] for i in batch.indices], ids.shape[1], 0, side)[0]}
+
+        scores = self._run([ids for ids, _ in built], self.graph(), batch_size,
+                           token_types if self._template_types else None)
+        return self._finish(scores, normalize)
+
+
+class LLMReranker(_PairReranker):
+    """Decoder-only reranker with FlagLLMReranker's ``compute_score`` (bge-reranker-v2-gemma).
+
+    The sequence is ``[bos] "A: "+query "\\n" "B: "+passage "\\n" prompt``, each piece tokenised on
+    its own; the score is the ``Yes`` logit at the last token. ``prompt`` can be set per call or in
+    the constructor (default: the reference's).
+    """
+
+    kinds = ("llm_reranker",)
+
+    def __init__(self, model_dir: str, *, prompt: str | None = None, **kwargs: Any):
+        super().__init__(model_dir, **kwargs)
+        self.prompt = prompt
+        self.separator = self.manifest.get("separator", "\n")
+        self.bos_prefix = [] if self.manifest.get("bos_prefix_id") is None else [int(self.manifest.get("bos_prefix_id"))]
+
+    def _sequences(self, pairs: list[Pair], query_max_length: int, max_length: int,
+                   prompt: str | None) -> list[list[int]]:
+        """FlagLLMReranker's assembly: the passage (with its separator) trimmed to
+        ``max_length + len(sep) + len(prompt)`` overall, then separator and prompt appended."""
+        prompt = prompt if prompt is not None else self.prompt if self.prompt is not None else self.manifest.get("prompt")
+        sep, prompt_ids = self.tokenizer.encode([self.separator, prompt], add_special_tokens=False)
+        limit = max_length + len(sep) + len(prompt_ids)
+        out = []
+        for q, p in self._sides(pairs, query_max_length, max_length):
+            first = self.bos_prefix + q
+            out.append(first + trim_second(len(first), sep + p, limit, self.truncation_side) + sep + prompt_ids)
+        return out
+
+    def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
+                      query_max_length: int | None = None, max_length: int | None = None,
+                      prompt: str | None = None, normalize: bool | None = None) -> list[float]:
+        """``Yes`` logit per (query, passage) pair (sigmoid with ``normalize=True``), as a list."""
+        pairs = check_pairs(sentence_pairs)
+        if not pairs:
+            return []
+        seqs = self._sequences(pairs, *self._lengths(query_max_length, max_length), prompt)
+        return self._finish(self._run(seqs, self.graph(), batch_size), normalize)
+
+
+class LayerwiseReranker(LLMReranker):
+    """bge-reranker-v2-minicpm-layerwise with LayerWiseFlagLLMReranker's ``compute_score``.
+
+    ``cutoff_layers`` picks the layers whose scores are returned: one layer gives a list of
+    floats, several a list of lists in ascending layer order, each scored by its own layer's head.
+    (The reference pairs heads with layers in the order the caller gave them, which is only right
+    for ascending input; bgert sorts and de-duplicates, so it matches the reference for sorted
+    input and stays correct for any other.) Each exported cutoff L has its own graph with only
+    the first L layers: asking for lower cutoffs runs fewer layers. The default is the deepest
+    exported cutoff (the last layer unless the export chose otherwise, as in the reference).
+    """
+
+    kinds = ("layerwise_reranker",)
+
+    def __init__(self, model_dir: str, *, cutoff_layers: int | Sequence[int] | None = None, **kwargs: Any):
+        super().__init__(model_dir, **kwargs)
+        self.exported_cutoffs = sorted(int(c) for c in self.manifest.get("cutoff_layers"))
+        self.start_layer = int(self.manifest.get("start_layer"))
+        self.num_hidden_layers = int(self.manifest.get("num_hidden_layers"))
+        self.cutoff_layers = cutoff_layers
+
+    def _cutoffs(self, cutoff_layers: int | Sequence[int] | None) -> list[int]:
+        """Requested cutoffs: sorted, unique, out-of-range ones dropped with a warning (as the reference),
+        ValueError for none left or for one that was not exported."""
+        cutoffs = self.cutoff_layers if cutoff_layers is None else cutoff_layers
+        if cutoffs is None:
+            return [self.exported_cutoffs[-1]]
+        cutoffs = [cutoffs] if isinstance(cutoffs, (int, np.integer)) else list(cutoffs)
+        valid = range(self.start_layer, self.num_hidden_layers + 1)
+        dropped = [c for c in cutoffs if c not in valid]
+        if dropped:
+            log.warning("bgert: cutoff layers %s are outside %d..%d and are dropped (as the reference does)",
+                        dropped, valid.start, valid.stop - 1)
+        cutoffs = sorted({int(c) for c in cutoffs if c in valid})
+        if not cutoffs:
+            raise ValueError(f"cutoff_layers must lie in [{valid.start}, {valid.stop - 1}]; "
+                             f"this artifact has {self.exported_cutoffs}")
+        missing = [c for c in cutoffs if c not in self.exported_cutoffs]
+        if missing:
+            raise ValueError(f"cutoff layers {missing} were not exported; this artifact has {self.exported_cutoffs}. "
+                             f"Re-export with `bgert export ... --cutoff-layers "
+                             f"{','.join(map(str, sorted(set(self.exported_cutoffs) | set(cutoffs))))}`.")
+        return cutoffs
+
+    def graph_for(self, cutoffs: Sequence[int]) -> Graph:
+        """The graph that stops at ``max(cutoffs)`` layers (it scores every exported cutoff below)."""
+        return self.graph(cutoff_layers=[c for c in self.exported_cutoffs if c <= max(cutoffs)])
+
+    def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
+                      query_max_length: int | None = None, max_length: int | None = None,
+                      cutoff_layers: int | Sequence[int] | None = None, prompt: str | None = None,
+                      normalize: bool | None = None) -> list[float] | list[list[float]]:
+        """Scores per pair at each requested cutoff layer: a list, or a list of lists (one per layer)."""
+        cutoffs = self._cutoffs(cutoff_layers)
+        pairs = check_pairs(sentence_pairs)
+        if not pairs:
+            return [] if len(cutoffs) == 1 else [[] for _ in cutoffs]
+        graph = self.graph_for(cutoffs)
+        seqs = self._sequences(pairs, *self._lengths(query_max_length, max_length), prompt)
+        scores = self._run(seqs, graph, batch_size)
+        per_layer = [self._finish(scores[:, graph.cutoff_layers.index(c)], normalize) for c in cutoffs]
+        return per_layer[0] if len(per_layer) == 1 else per_layer
