@@ -63,6 +63,7 @@ class ExportSpec:
 #: kind -> "module:Class" of its spec; modules are imported only when that kind is exported
 SPEC_MODULES: dict[str, str] = {
     "embedder": "bgert.export.embedder_spec:EmbedderSpec",
+    "m3": "bgert.export.m3_spec:M3Spec",
     "reranker": "bgert.export.reranker_spec:CrossEncoderSpec",
     "llm_reranker": "bgert.export.reranker_spec:LLMRerankerSpec",
     "layerwise_reranker": "bgert.export.reranker_spec:LayerwiseRerankerSpec",

@@ -10,6 +10,7 @@ from typing import Any
 from .backends import ProviderError, resolve_providers
 from .base import BgeModel
 from .embedder import Embedder
+from .m3 import M3Embedder
 from .manifest import ArtifactError, Manifest, read_manifest
 from .reranker import LayerwiseReranker, LLMReranker, Reranker
 
@@ -19,6 +20,9 @@ _CLASSES: dict[str, type[BgeModel]] = {"embedder": Embedder}
 def register(kind: str, cls: type[BgeModel]) -> None:
     """Make ``load()`` return ``cls`` for artifacts of ``kind`` (each family module calls this)."""
     _CLASSES[kind] = cls
+
+
+register("m3", M3Embedder)
 
 
 register("reranker", Reranker)
@@ -41,4 +45,5 @@ def load(model_dir: str | os.PathLike, **kwargs: Any) -> BgeModel:
 
 __all__ = ["ArtifactError", "BgeModel", "Embedder", "Manifest", "ProviderError", "load", "read_manifest",
            "register", "resolve_providers"]
+__all__ += ["M3Embedder"]
 __all__ += ["LLMReranker", "LayerwiseReranker", "Reranker"]

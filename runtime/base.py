@@ -134,6 +134,10 @@ class BgeModel(BatchedAPI):
                                 **self._backend_options)
 
     # ---- batched execution ------------------------------------------------------------------
+    def _plan_batches(self, lengths: Sequence[int], batch_size: int, multiple_of: int = 1) -> list[Batch]:
+        """How ``_run_batches`` cuts its inputs (bgert.runtime.batching); a family may override it."""
+        return plan_batches(lengths, self.length_buckets, self.token_budget, batch_size, multiple_of)
+
     def _run_batches(self, sequences: Sequence[Sequence[int]], graph: Graph, output_names: Sequence[str],
                      batch_size: int | None = None, multiple_of: int = 1,
                      padding_side: str | None = None,
@@ -144,8 +148,7 @@ class BgeModel(BatchedAPI):
         """
         backend = self.backend_for(graph)
         lengths = [len(s) for s in sequences]
-        batches = plan_batches(lengths, self.length_buckets, self.token_budget,
-                               batch_size or self.batch_size, multiple_of)
+        batches = self._plan_batches(lengths, batch_size or self.batch_size, multiple_of)
         side = padding_side or self.tokenizer.padding_side
         for batch in progress(batches, enabled=self.show_progress_bar and len(batches) > 1,
                               desc=type(self).__name__, unit="batch"):

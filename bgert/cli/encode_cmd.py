@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=None)
     p.add_argument("--providers", default=None, help="comma-separated ORT providers (default: CPU)")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
+    p.add_argument("--sparse", action="store_true", help="m3: also write lexical weights (jsonl output)")
+    p.add_argument("--colbert", action="store_true", help="m3: also write ColBERT vectors (jsonl output)")
 
 
 def read_texts(path: str, field: str) -> list[str]:
@@ -42,6 +44,19 @@ def read_texts(path: str, field: str) -> list[str]:
     return lines
 
 
+def write_m3_jsonl(path: str, out: dict) -> None:
+    """One record per text: {"dense": [...], "sparse": {token id: weight}, "colbert": [[...], ...]}."""
+    n = len(out["dense_vecs"])
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            rec = {"dense": np.round(out["dense_vecs"][i].astype(float), 7).tolist()}
+            if out["lexical_weights"] is not None:
+                rec["sparse"] = {k: round(float(w), 7) for k, w in out["lexical_weights"][i].items()}
+            if out["colbert_vecs"] is not None:
+                rec["colbert"] = np.round(out["colbert_vecs"][i].astype(float), 7).tolist()
+            f.write(json.dumps(rec) + "\n")
+
+
 def run(args: argparse.Namespace) -> int:
     from bgert.runtime import load
 
@@ -50,8 +65,16 @@ def run(args: argparse.Namespace) -> int:
                  intra_op_num_threads=args.threads, show_progress_bar=True)
     texts = read_texts(args.input, args.field)
     fn = model.encode_queries if args.queries else model.encode
-    vecs = fn(texts, batch_size=args.batch_size, max_length=args.max_length)
-    if args.output.endswith(".npy"):
+    m3 = model.manifest.kind == "m3"
+    if (args.sparse or args.colbert) and not (m3 and args.output.endswith(".jsonl")):
+        raise ValueError("--sparse/--colbert need an M3 artifact and a .jsonl output")
+    kw = {"return_sparse": args.sparse, "return_colbert_vecs": args.colbert} if m3 else {}
+    vecs = fn(texts, batch_size=args.batch_size, max_length=args.max_length, **kw)
+    if m3 and not kw["return_sparse"] and not kw["return_colbert_vecs"]:
+        vecs = vecs["dense_vecs"]  # M3Embedder returns BGEM3FlagModel's dict
+    if isinstance(vecs, dict):
+        write_m3_jsonl(args.output, vecs)
+    elif args.output.endswith(".npy"):
         np.save(args.output, np.asarray(vecs, dtype=np.float32).reshape(len(texts), -1))
     else:
         with open(args.output, "w", encoding="utf-8") as f:

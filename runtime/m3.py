@@ -1,0 +1,328 @@
+"""BGE-M3 with BGEM3FlagModel's API: dense vectors, lexical (sparse) weights and ColBERT vectors
+from one exported graph (bgert.export.m3_spec), post-processed in numpy.
+
+>>> m = M3Embedder("artifacts/bge-m3")
+>>> out = m.encode(["what is BGE M3?"], max_length=8192, return_sparse=True, return_colbert_vecs=True)
+>>> out["dense_vecs"].shape, out["lexical_weights"][0], out["colbert_vecs"][0].shape
+>>> m.compute_score([("what is BGE M3?", "BGE M3 is an embedding model.")])   # 5 score kinds
+
+Long inputs on CPU: batches whose padded length would exceed ``max_padded_length`` hold only
+texts of one length and get no padding at all, so the graph runs ORT's flash-attention kernel
+(memory O(L) instead of the O(L²) score matrix; see bgert.export.m3_spec). Shorter texts are
+batched by the token budget as usual, which bounds their attention memory.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Any, Sequence
+
+import numpy as np
+
+from .base import BgeModel
+from .batching import Batch, pad
+from .embedder import format_instruction
+from .tokenize import check_max_length, check_texts
+
+#: BGEM3FlagModel's query_max_length / passage_max_length defaults (bge-m3 itself takes 8192)
+REFERENCE_MAX_LENGTH = 512
+#: on CPU, longer batches run unpadded (one length per batch) to take the flash-attention kernel
+DEFAULT_MAX_PADDED_LENGTH = 512
+SCORE_KEYS = ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")
+_CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+class _Encoded:
+    """Per text (caller's order): token count, dense row, lexical (ids, max weights), ColBERT rows."""
+
+    def __init__(self, n: int, dim: int, want: Sequence[str]):
+        self.lengths = np.zeros(n, dtype=np.int64)
+        self.dense = np.zeros((n, dim), dtype=np.float32) if "dense" in want else None
+        self.lex: list[tuple[np.ndarray, np.ndarray]] | None = [None] * n if "sparse" in want else None
+        self.colbert: list[np.ndarray] | None = [None] * n if "colbert" in want else None
+
+
+class M3Embedder(BgeModel):
+    """BGE-M3 served from an ONNX artifact, with BGEM3FlagModel-compatible calls and outputs."""
+
+    kinds = ("m3",)
+
+    def __init__(self, model_dir: str, *, query_instruction_for_retrieval: str | None = None,
+                 query_instruction_format: str | None = None, normalize_embeddings: bool | None = None,
+                 query_max_length: int | None = None, passage_max_length: int | None = None,
+                 return_dense: bool = True, return_sparse: bool = False, return_colbert_vecs: bool = False,
+                 max_padded_length: int = DEFAULT_MAX_PADDED_LENGTH, **kwargs: Any):
+        """``query_max_length`` / ``passage_max_length`` default to 512 like BGEM3FlagModel (capped by
+        the artifact's max length); pass ``max_length=8192`` per call, or here, for long texts.
+        ``max_padded_length``: on CPU, batches longer than this are never padded (see module doc)."""
+        super().__init__(model_dir, **kwargs)
+        m = self.manifest
+        self.heads: tuple[str, ...] = tuple(m.get("heads", ("dense", "sparse", "colbert")))
+        self.query_instruction_for_retrieval = (query_instruction_for_retrieval
+                                                if query_instruction_for_retrieval is not None
+                                                else m.get("query_instruction"))
+        self.query_instruction_format = query_instruction_format or m.get("query_instruction_format", "{}{}")
+        self.graph_normalizes = bool(m.get("normalize", True))
+        self.normalize_embeddings = self.graph_normalizes if normalize_embeddings is None else normalize_embeddings
+        if self.graph_normalizes and not self.normalize_embeddings:
+            raise ValueError("this artifact's graph outputs L2-normalised vectors; re-export with "
+                             "`bgert export ... --no-normalize` to get raw ones.")
+        default = min(REFERENCE_MAX_LENGTH, self.max_length)
+        self.query_max_length = check_max_length(query_max_length or default, self.max_length)
+        self.passage_max_length = check_max_length(passage_max_length or default, self.max_length)
+        self.return_dense, self.return_sparse, self.return_colbert_vecs = return_dense, return_sparse, return_colbert_vecs
+        self.max_padded_length = int(max_padded_length)
+        info = self.tokenizer.info
+        drop = m.get("sparse_drop_ids")
+        if drop is None:
+            drop = [info[k] for k in ("cls_token_id", "eos_token_id", "pad_token_id", "unk_token_id") if k in info]
+        self.sparse_drop_ids = np.asarray(sorted(set(drop)), dtype=np.int64)
+        self.clean_up_tokenization_spaces = bool(m.get("clean_up_tokenization_spaces", False))
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest.get("dim"))
+
+    # ---- batching policy --------------------------------------------------------------------
+    def _plan_batches(self, lengths: Sequence[int], batch_size: int, multiple_of: int = 1) -> list[Batch]:
+        """On ORT CPU: texts whose bucket exceeds ``max_padded_length`` run unpadded, one length per
+        batch (the flash-attention path); the rest are bucketed by the token budget as usual."""
+        if self.backend_name != "ort" or self._on_gpu():
+            return super()._plan_batches(lengths, batch_size, multiple_of)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        buckets = np.asarray(self.length_buckets, dtype=np.int64)
+        at = np.searchsorted(buckets, lengths)
+        padded = np.where(at < len(buckets), buckets[np.minimum(at, len(buckets) - 1)], lengths)
+        short = np.flatnonzero(padded <= self.max_padded_length)
+        long = np.flatnonzero(padded > self.max_padded_length)
+        long = long[np.argsort(-lengths[long], kind="stable")]
+        batches = []
+        for group in np.split(long, np.flatnonzero(np.diff(lengths[long])) + 1) if len(long) else []:
+            n = int(lengths[group[0]])
+            step = max(1, min(batch_size, self.token_budget // n))
+            batches += [Batch(indices=group[i:i + step], length=n) for i in range(0, len(group), step)]
+        batches += [Batch(indices=short[b.indices], length=b.length)
+                    for b in super()._plan_batches(lengths[short], batch_size, multiple_of)]
+        return batches
+
+    # ---- encoding ---------------------------------------------------------------------------
+    def _want(self, dense: bool, sparse: bool, colbert: bool) -> tuple[str, ...]:
+        want = tuple(h for h, on in (("dense", dense), ("sparse", sparse), ("colbert", colbert)) if on)
+        if not want:
+            raise ValueError("Must choose one or more from `return_colbert_vecs`, `return_sparse`, `return_dense` "
+                             "to set `True`!")
+        missing = [h for h in want if h not in self.heads]
+        if missing:
+            flag = {"dense": "return_dense", "sparse": "return_sparse", "colbert": "return_colbert_vecs"}
+            raise ValueError(f"{', '.join(flag[h] + '=True' for h in missing)}: this artifact was exported with "
+                             f"--heads {','.join(self.heads)} only; re-export with "
+                             "`bgert export SRC --out DIR --heads dense,sparse,colbert`.")
+        return want
+
+    def _lexical(self, weights: np.ndarray, ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per row: (ids, max weight) of the positive weights, special ids dropped, in order of first
+        occurrence (FlagEmbedding's _process_token_weights, vectorised over the whole batch)."""
+        rows, pos = np.nonzero((weights > 0) & ~np.isin(ids, self.sparse_drop_ids))
+        tok, w = ids[rows, pos], weights[rows, pos]
+        order = np.lexsort((pos, tok, rows))  # runs of one (row, id), first occurrence first
+        rows, pos, tok, w = rows[order], pos[order], tok[order], w[order]
+        if len(w):
+            start = np.flatnonzero(np.r_[True, (rows[1:] != rows[:-1]) | (tok[1:] != tok[:-1])])
+            w = np.maximum.reduceat(w, start)
+            rows, pos, tok = rows[start], pos[start], tok[start]
+        order = np.lexsort((pos, rows))
+        rows, tok, w = rows[order], tok[order], w[order]
+        bounds = np.searchsorted(rows, np.arange(ids.shape[0] + 1))
+        return [(tok[a:b], w[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _encode(self, texts: list[str], max_length: int, batch_size: int | None, want: Sequence[str]) -> _Encoded:
+        seqs = self.tokenizer.encode(texts, max_length)
+        enc = _Encoded(len(texts), self.dim, want)
+        enc.lengths[:] = [len(s) for s in seqs]
+        for batch, outs, mask in self._run_batches(seqs, self.graph(), list(want), batch_size):
+            got = dict(zip(want, outs))
+            idx = batch.indices
+            if enc.dense is not None:
+                enc.dense[idx] = got["dense"]
+            if enc.lex is not None:
+                ids, _ = pad([seqs[i] for i in idx], mask.shape[1], self.tokenizer.pad_token_id,
+                             self.tokenizer.padding_side)
+                for i, lw in zip(idx, self._lexical(got["sparse"], ids)):
+                    enc.lex[i] = lw
+            if enc.colbert is not None:
+                n_real = mask.sum(1)
+                for row, i in enumerate(idx):
+                    enc.colbert[i] = got["colbert"][row, :n_real[row] - 1].copy()
+        if not self.graph_normalizes and self.normalize_embeddings:
+            if enc.dense is not None:
+                enc.dense /= np.maximum(np.linalg.norm(enc.dense, axis=-1, keepdims=True), 1e-12)
+            for c in enc.colbert or []:
+                c /= np.maximum(np.linalg.norm(c, axis=-1, keepdims=True), 1e-12)
+        return enc
+
+    def encode(self, sentences: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None,
+               return_dense: bool | None = None, return_sparse: bool | None = None,
+               return_colbert_vecs: bool | None = None, instruction: str | None = None,
+               instruction_format: str = "{}{}", **_: Any) -> dict[str, Any]:
+        """BGEM3FlagModel.encode: ``{"dense_vecs", "lexical_weights", "colbert_vecs"}``, None where not asked.
+
+        ``dense_vecs``: float32 [n, dim]; ``lexical_weights``: per text a defaultdict(int) of
+        str(token id) → np.float32 max weight (cls/eos/pad/unk dropped, only > 0);
+        ``colbert_vecs``: per text float32 [n_tokens - 1, colbert_dim] (every real token after <s>).
+        A str input gives one vector, one dict, one array. ``max_length`` defaults to 512, as in
+        BGEM3FlagModel (``passage_max_length``); it is capped by the artifact's max length.
+        """
+        want = self._want(self.return_dense if return_dense is None else return_dense,
+                          self.return_sparse if return_sparse is None else return_sparse,
+                          self.return_colbert_vecs if return_colbert_vecs is None else return_colbert_vecs)
+        texts, single = check_texts(sentences)
+        texts = format_instruction(instruction, instruction_format, texts)
+        max_length = check_max_length(max_length or self.passage_max_length, self.max_length)
+        enc = self._encode(texts, max_length, batch_size, want)
+        lexical = None
+        if enc.lex is not None:
+            lexical = [collections.defaultdict(int, zip(map(str, tok.tolist()), w)) for tok, w in enc.lex]
+        out = {"dense_vecs": enc.dense, "lexical_weights": lexical, "colbert_vecs": enc.colbert}
+        if single:
+            out = {k: None if v is None else v[0] for k, v in out.items()}
+        return out
+
+    def encode_queries(self, queries: str | Sequence[str], batch_size: int | None = None,
+                       max_length: int | None = None, return_dense: bool | None = None,
+                       return_sparse: bool | None = None, return_colbert_vecs: bool | None = None,
+                       **kwargs: Any) -> dict[str, Any]:
+        """``encode`` with the query instruction (bge-m3 has none) and ``query_max_length``."""
+        return self.encode(queries, batch_size=batch_size, max_length=max_length or self.query_max_length,
+                           return_dense=return_dense, return_sparse=return_sparse,
+                           return_colbert_vecs=return_colbert_vecs, instruction=self.query_instruction_for_retrieval,
+                           instruction_format=self.query_instruction_format, **kwargs)
+
+    def encode_corpus(self, corpus: str | Sequence[str], batch_size: int | None = None,
+                      max_length: int | None = None, return_dense: bool | None = None,
+                      return_sparse: bool | None = None, return_colbert_vecs: bool | None = None,
+                      **kwargs: Any) -> dict[str, Any]:
+        """``encode`` with ``passage_max_length`` (no instruction), like BGEM3FlagModel.encode_corpus."""
+        return self.encode(corpus, batch_size=batch_size, max_length=max_length or self.passage_max_length,
+                           return_dense=return_dense, return_sparse=return_sparse,
+                           return_colbert_vecs=return_colbert_vecs, **kwargs)
+
+    # ---- scores -----------------------------------------------------------------------------
+    @staticmethod
+    def _lexical_scores(lw1: Sequence[dict], lw2: Sequence[dict]) -> np.ndarray:
+        """[len1, len2] float32: sum of w1[t] * w2[t] over shared keys, as one matmul over the keys
+        that occur on both sides."""
+        k1 = [k for d in lw1 for k in d]
+        k2 = [k for d in lw2 for k in d]
+        if not k1 or not k2:
+            return np.zeros((len(lw1), len(lw2)), dtype=np.float32)
+        keys, inv = np.unique(np.asarray(k1 + k2, dtype=object).astype(str), return_inverse=True)
+        inv1, inv2 = inv[:len(k1)], inv[len(k1):]
+        shared = np.zeros(len(keys), dtype=bool)
+        shared[inv1] = True
+        in2 = np.zeros(len(keys), dtype=bool)
+        in2[inv2] = True
+        shared &= in2
+        col = np.cumsum(shared) - 1
+
+        def matrix(dicts: Sequence[dict], inv_: np.ndarray) -> np.ndarray:
+            rows = np.repeat(np.arange(len(dicts)), [len(d) for d in dicts])
+            vals = np.fromiter((w for d in dicts for w in d.values()), dtype=np.float32, count=len(inv_))
+            keep = shared[inv_]
+            m = np.zeros((len(dicts), int(shared.sum())), dtype=np.float32)
+            m[rows[keep], col[inv_[keep]]] = vals[keep]
+            return m
+
+        return matrix(lw1, inv1) @ matrix(lw2, inv2).T
+
+    def compute_lexical_matching_score(self, lexical_weights_1: dict | list[dict],
+                                       lexical_weights_2: dict | list[dict]) -> Any:
+        """Sum of w1[t] * w2[t] over shared tokens: two dicts give an np.float32, two lists an
+        np.ndarray [len1, len2] (float32). Anything else raises ValueError, like the reference."""
+        if isinstance(lexical_weights_1, dict) and isinstance(lexical_weights_2, dict):
+            return self._lexical_scores([lexical_weights_1], [lexical_weights_2])[0, 0]
+        if isinstance(lexical_weights_1, list) and isinstance(lexical_weights_2, list):
+            return self._lexical_scores(lexical_weights_1, lexical_weights_2)
+        raise ValueError("The input format of lexical_weights is not correct: pass two dicts or two lists of dicts.")
+
+    @staticmethod
+    def colbert_score(q_reps: np.ndarray, p_reps: np.ndarray) -> np.float32:
+        """Late-interaction score: max over passage vectors, summed over query vectors, divided by
+        the query vector count. An np.float32 (the reference returns a 0-d torch tensor)."""
+        q = np.asarray(q_reps, dtype=np.float32)
+        p = np.asarray(p_reps, dtype=np.float32)
+        return np.float32((q @ p.T).max(-1).sum() / q.shape[0])
+
+    def convert_id_to_token(self, lexical_weights: dict | list[dict]) -> dict | list[dict]:
+        """Keys str(id) → token text (tokenizer.decode([id])), as BGEM3FlagModel: a dict or a
+        one-item list gives a dict; two ids decoding to the same text keep the last one's weight."""
+        items = [lexical_weights] if isinstance(lexical_weights, dict) else lexical_weights
+        out = [{self._decode_one(int(k)): w for k, w in d.items()} for d in items]
+        return out[0] if len(out) == 1 else out
+
+    def _decode_one(self, token_id: int) -> str:
+        text = self.tokenizer.decode([token_id])
+        if self.clean_up_tokenization_spaces:
+            for a, b in _CLEANUPS:
+                text = text.replace(a, b)
+        return text
+
+    def compute_score(self, sentence_pairs: Sequence[tuple[str, str]] | tuple[str, str],
+                      batch_size: int | None = None, max_query_length: int | None = None,
+                      max_passage_length: int | None = None,
+                      weights_for_different_modes: Sequence[float] | None = None, **_: Any) -> Any:
+        """BGEM3FlagModel.compute_score: per pair the dense, sparse and ColBERT scores and two
+        weighted sums (weights [dense, sparse, colbert], default [1, 1, 1]); a dict of lists of
+        float, or of floats for a single pair.
+
+        Matches the reference's batching quirk: there, each batch of ``batch_size`` pairs pads its
+        passages to the longest one, and those zero padding vectors take part in the ColBERT max,
+        so a query token whose every similarity is negative scores 0 instead of its best one.
+        """
+        if isinstance(sentence_pairs, list) and len(sentence_pairs) == 0:
+            return []
+        single = isinstance(sentence_pairs[0], str)
+        pairs = [sentence_pairs] if single else list(sentence_pairs)
+        for i, p in enumerate(pairs):
+            if not isinstance(p, (list, tuple)) or len(p) != 2:
+                raise TypeError(f"sentence_pairs[{i}] must be a (query, passage) pair of str")
+            check_texts(list(p), f"sentence_pairs[{i}]")
+        weights = [1.0, 1.0, 1.0] if weights_for_different_modes is None else [float(w) for w in weights_for_different_modes]
+        if len(weights) != 3:
+            raise ValueError(f"weights_for_different_modes must be [dense, sparse, colbert], got {weights}")
+        batch_size = batch_size or self.batch_size
+        want = self._want(True, True, True)
+        q = self._encode([p[0] for p in pairs], check_max_length(max_query_length or self.query_max_length,
+                                                                 self.max_length), batch_size, want)
+        p = self._encode([p[1] for p in pairs], check_max_length(max_passage_length or self.passage_max_length,
+                                                                 self.max_length), batch_size, want)
+        n = len(pairs)
+        dense = np.einsum("ij,ij->i", q.dense, p.dense)
+        sparse = self._pair_lexical_scores(q.lex, p.lex)
+        starts = np.arange(0, n, batch_size)
+        padded = p.lengths < np.repeat(np.maximum.reduceat(p.lengths, starts), np.diff(np.r_[starts, n]))
+        colbert = np.empty(n, dtype=np.float32)
+        for i in range(n):
+            best = (q.colbert[i] @ p.colbert[i].T).max(-1)
+            colbert[i] = (np.maximum(best, 0) if padded[i] else best).sum() / q.colbert[i].shape[0]
+        w_d, w_s, w_c = weights
+        scores = {"colbert": colbert, "sparse": sparse, "dense": dense,
+                  "sparse+dense": (sparse * w_s + dense * w_d) / (w_s + w_d),
+                  "colbert+sparse+dense": (colbert * w_c + sparse * w_s + dense * w_d) / sum(weights)}
+        result = {k: np.asarray(scores[k], dtype=np.float32).tolist() for k in SCORE_KEYS}
+        return {k: v[0] for k, v in result.items()} if single else result
+
+    @staticmethod
+    def _pair_lexical_scores(lex1: list[tuple[np.ndarray, np.ndarray]],
+                             lex2: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """Lexical matching score of pair i = (lex1[i], lex2[i]), for all pairs at once."""
+        def flat(lex: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            pair = np.repeat(np.arange(len(lex)), [len(t) for t, _ in lex])
+            tok = np.concatenate([t for t, _ in lex]) if lex else np.zeros(0, np.int64)
+            w = np.concatenate([w for _, w in lex]) if lex else np.zeros(0, np.float32)
+            return pair, tok, w
+
+        p1, t1, w1 = flat(lex1)
+        p2, t2, w2 = flat(lex2)
+        vocab = int(max(t1.max(initial=0), t2.max(initial=0))) + 1
+        _, i1, i2 = np.intersect1d(p1 * vocab + t1, p2 * vocab + t2, assume_unique=True, return_indices=True)
+        return np.bincount(p1[i1], weights=w1[i1] * w2[i2], minlength=len(lex1)).astype(np.float32)
