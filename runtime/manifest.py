@@ -178,17 +178,27 @@ def read_manifest(artifact_dir: str, verify: bool = True) -> Manifest:
     return m
 
 
-def verify_files(m: Manifest) -> None:
-    """Check that every file the manifest lists exists and matches its sha256."""
+def file_problems(m: Manifest) -> dict[str, str]:
+    """What is wrong with each listed file that is missing or does not match its sha256 (empty: all good)."""
+    problems = {}
     for rel, expected in m.raw["files"].items():
         p = m.path(rel)
         if not os.path.isfile(p):
-            raise ArtifactError(f"{p} is listed in the manifest but missing. The artifact is incomplete: "
-                                "re-export it (bgert export ... --force).")
+            problems[rel] = (f"{p} is listed in the manifest but missing. The artifact is incomplete: "
+                             "re-export it (bgert export ... --force).")
+            continue
         got = sha256_file(p)
         if got != expected:
-            raise ArtifactError(f"{p} does not match its sha256 in the manifest (expected {expected[:12]}…, "
-                                f"got {got[:12]}…): the file was changed or damaged. Re-export the artifact.")
+            problems[rel] = (f"{p} does not match its sha256 in the manifest (expected {expected[:12]}…, "
+                             f"got {got[:12]}…): the file was changed or damaged. Re-export the artifact.")
+    return problems
+
+
+def verify_files(m: Manifest) -> None:
+    """Check that every file the manifest lists exists and matches its sha256 (ArtifactError otherwise)."""
+    problems = file_problems(m)
+    if problems:
+        raise ArtifactError(next(iter(problems.values())))
 
 
 def write_manifest(artifact_dir: str, raw: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("bgert.cli.info_cmd", "show an artifact's manifest"),
     "encode": ("bgert.cli.encode_cmd", "embed texts from a file or stdin"),
     "demo": ("bgert.cli.demo_cmd", "export the bundled all-MiniLM-L6-v2, check parity and speed"),
+    "doctor": ("bgert.cli.doctor_cmd", "check providers, CPU features, versions, and an artifact's integrity"),
 }
 
 
