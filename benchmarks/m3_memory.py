@@ -80,6 +80,34 @@ def texts_of(n_tokens: int, count: int, seed: int = 0) -> list[str]:
     return [" ".join(f"w{i}" for i in rng.integers(0, VOCAB - 5, n_tokens - 2)) for _ in range(count)]
 
 
+def parity(ref: dict, got: dict) -> dict:
+    """bgert against BGEM3FlagModel on the same texts: dense cosine, lexical and ColBERT max |diff|."""
+    a, b = np.asarray(ref["dense_vecs"], np.float64), np.asarray(got["dense_vecs"], np.float64)
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    lex, keys_differ = 0.0, 0
+    for r, g in zip(ref["lexical_weights"], got["lexical_weights"]):
+        keys_differ += len(set(r) ^ set(g))
+        lex = max([lex, *(abs(float(r.get(k, 0.0)) - float(g.get(k, 0.0))) for k in set(r) | set(g))])
+    shapes = all(r.shape == g.shape for r, g in zip(ref["colbert_vecs"], got["colbert_vecs"]))
+    col = max(float(np.abs(r - g).max()) for r, g in zip(ref["colbert_vecs"], got["colbert_vecs"])) if shapes else None
+    return {"dense_cos_min": float(cos.min()), "dense_max_abs_diff": float(np.abs(a - b).max()),
+            "lexical_max_abs_diff": lex, "lexical_keys_differing": keys_differ,
+            "colbert_same_shapes": shapes, "colbert_max_abs_diff": col}
+
+
+def _save(path: str, out: dict) -> None:
+    """One text's outputs as .npz (so two processes' results can be compared)."""
+    lw = out["lexical_weights"][0]
+    np.savez(path, dense=out["dense_vecs"], colbert=out["colbert_vecs"][0],
+             lex_ids=np.array(list(lw), dtype=np.int64), lex_w=np.array(list(lw.values()), dtype=np.float32))
+
+
+def _load(path: str) -> dict:
+    z = np.load(path)
+    return {"dense_vecs": z["dense"], "colbert_vecs": [z["colbert"]],
+            "lexical_weights": [dict(zip(map(str, z["lex_ids"].tolist()), z["lex_w"].tolist()))]}
+
+
 def _status(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -114,6 +142,7 @@ def child_memory(engine: str, ckpt: str, art: str, n_tokens: int, max_padded_len
     out = run(texts_of(n_tokens, 1))
     seconds = time.perf_counter() - t0
     peak = _status("VmHWM")
+    _save(os.path.join(os.path.dirname(art), f"out-{engine}-{n_tokens}.npz"), out)
     return {"engine": engine, "n_tokens": n_tokens, "max_padded_length": max_padded_length,
             "rss_before_mb": before / 2**20, "peak_mb": peak / 2**20, "peak_above_mb": (peak - before) / 2**20,
             "seconds": seconds, "tokens_per_s": n_tokens / seconds,
@@ -131,15 +160,16 @@ def child_throughput(ckpt: str, art: str, lengths: list[int], tokens: int, repea
     rows = []
     for n in lengths:
         texts = texts_of(n, max(1, tokens // n))
-        best = {k: float("inf") for k in engines}
+        best, outs = {k: float("inf") for k in engines}, {}
         for _ in range(repeats):
             for name, run in engines.items():
                 t0 = time.perf_counter()
-                run(texts)
+                outs[name] = run(texts)
                 best[name] = min(best[name], time.perf_counter() - t0)
         for name, s in best.items():
             rows.append({"engine": name, "length": n, "texts": len(texts), "seconds": s,
                          "tokens_per_s": n * len(texts) / s})
+        rows[-1]["parity"] = parity(outs["BGEM3FlagModel"], outs["bgert"])
     rows.append({"threads": {"torch": torch.get_num_threads(), "onnxruntime_default": "physical cores",
                              "onnxruntime": onnxruntime.__version__}})
     return rows
@@ -178,6 +208,12 @@ def write_results(result: dict, out_dir: str) -> None:
     for row in result["throughput"]:
         lines.append(f"| {row['length']} | {row['texts']} | {row['bgert']:.1f} | {row['BGEM3FlagModel']:.1f} | "
                      f"{row['ratio']:.2f}x |")
+    lines += ["", "## Parity against BGEM3FlagModel (same texts, fp32)", "",
+              "| length | texts | dense cos min | lexical max abs diff | lexical keys differing | "
+              "ColBERT same shapes | ColBERT max abs diff |", "|---|---|---|---|---|---|---|"]
+    for c in result["parity"]:
+        lines.append(f"| {c['length']} | {c['texts']} | {c['dense_cos_min']:.7f} | {c['lexical_max_abs_diff']:.1e} | "
+                     f"{c['lexical_keys_differing']} | {c['colbert_same_shapes']} | {c['colbert_max_abs_diff']:.1e} |")
     lines += ["", result["note"], ""]
     with open(os.path.join(out_dir, "m3_memory.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
@@ -230,10 +266,13 @@ def main(argv: list[str] | None = None) -> int:
                    "BGEM3FlagModel": per[("BGEM3FlagModel", n)]["tokens_per_s"],
                    "ratio": per[("bgert", n)]["tokens_per_s"] / per[("BGEM3FlagModel", n)]["tokens_per_s"]}
                   for n in lengths]
+    checks = [{"length": r["length"], "texts": r["texts"], **r["parity"]} for r in raw[:-1] if "parity" in r]
+    ref, got = (_load(os.path.join(work, f"out-{e}-{longest}.npz")) for e in ("flag", "bgert"))
+    checks.append({"length": longest, "texts": 1, **parity(ref, got)})
     result = {
         "command": command_line(), "machine": machine_info(), "shape": SHAPE, "vocab": VOCAB,
         "weights_mb": os.path.getsize(os.path.join(art, "model.onnx")) / 2**20,
-        "memory": memory, "throughput": throughput, "threads": raw[-1]["threads"],
+        "memory": memory, "throughput": throughput, "parity": checks, "threads": raw[-1]["threads"],
         "note": ("Timings on a shared 2-core machine are noisy: compare the ratios, taken back to back. The "
                  f"{longest}-token throughput comes from the memory runs (separate processes, one run each)."),
     }
