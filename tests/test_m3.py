@@ -195,6 +195,26 @@ def test_heads_subset(m3_dense_art, model):
         dense_only.compute_score([("a", "b")])
 
 
+def test_raw_graph_without_normalisation(m3_ckpt, model, tmp_path):
+    from FlagEmbedding import BGEM3FlagModel
+
+    from bgert.export import export
+
+    art = export(m3_ckpt, str(tmp_path / "raw"), progress=False, heads=["dense", "colbert"], normalize=False)
+    kw = dict(return_dense=True, return_colbert_vecs=True)
+    ref = BGEM3FlagModel(m3_ckpt, use_fp16=False, devices="cpu", normalize_embeddings=False).encode(TEXTS[:8], **kw)
+    got = M3Embedder(art).encode(TEXTS[:8], **kw)
+    assert np.abs(ref["dense_vecs"] - got["dense_vecs"]).max() < 1e-4
+    assert np.linalg.norm(got["dense_vecs"], axis=1).max() > 1.5  # really raw
+    assert max(np.abs(r - g).max() for r, g in zip(ref["colbert_vecs"], got["colbert_vecs"])) < 1e-4
+    normed = M3Embedder(art, normalize_embeddings=True).encode(TEXTS[:8], **kw)
+    want = model.encode(TEXTS[:8], **kw)
+    assert np.abs(normed["dense_vecs"] - want["dense_vecs"]).max() < 1e-5
+    assert max(np.abs(a - b).max() for a, b in zip(normed["colbert_vecs"], want["colbert_vecs"])) < 1e-5
+    with pytest.raises(ValueError, match="--no-normalize"):
+        M3Embedder(model.model_dir, normalize_embeddings=False)
+
+
 def test_load_and_wrong_class(m3_art):
     assert isinstance(load(m3_art), M3Embedder)
     with pytest.raises(ArtifactError, match="M3Embedder"):
