@@ -6,7 +6,8 @@ only the padded id tensors travel: ``Embedder(dir, backend="triton", url=..., pr
 gives the same outputs as the local backend. The server must serve a repository written by
 ``bgert triton-repo`` for the same artifact (its model step is checked against the graph's
 sha256). Inference is idempotent, so transient failures (connection refused or reset, server
-unavailable, timeouts) are retried with exponential backoff before a clear error is raised.
+unavailable) are retried with exponential backoff before a clear error is raised; a timeout is
+reported at once, since the server may still be running the request and a resend would add load.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class TritonUnavailableError(TritonError):
 
 
 class TritonTimeoutError(TritonError):
-    """A request did not finish within the client's timeout, retries included."""
+    """A request did not finish within the client's timeout (not retried: the server may still run it)."""
 
 
 def sanitize_name(name: str) -> str:
@@ -69,7 +70,7 @@ class TritonBackend:
 
     ``url`` is ``host:port`` (default 127.0.0.1:8001 for gRPC, :8000 for HTTP); ``model_name``
     defaults to the name ``bgert triton-repo`` gives this graph's model step. ``timeout`` (s)
-    bounds each request; ``retries`` extra attempts follow transient failures, waiting
+    bounds each request; ``retries`` extra attempts follow connection failures, waiting
     ``backoff * 2**attempt`` seconds. Batches larger than the model's max_batch_size are split.
     Thread-safe: each thread gets its own client connection.
     """
@@ -148,10 +149,13 @@ class TritonBackend:
                     raise TritonError(f"{self._where()} rejected {what}: {_message(e)}") from e
                 last = e
                 self._local.client = None  # reconnect on the next attempt
-        tries = f"{self.retries + 1} attempt{'s' if self.retries else ''}"
+                if kind == "timeout":  # the server may still be running it: a resend would pile up work
+                    break
         if kind == "timeout":
-            raise TritonTimeoutError(f"{what} on {self._where()} timed out after {self.timeout:g}s ({tries}). "
-                                     "Raise timeout=..., or check the server's load.") from last
+            raise TritonTimeoutError(f"{what} on {self._where()} timed out after {self.timeout:g}s (not retried: "
+                                     "the server may still be running it). Raise timeout=..., or check the "
+                                     "server's load.") from last
+        tries = f"{self.retries + 1} attempt{'s' if self.retries else ''}"
         raise TritonUnavailableError(
             f"cannot reach {self._where()} for {what} after {tries}: {_message(last)}. Is the server running "
             "and listening there? Start one with `bgert triton-serve REPO` (see the README's Triton section), "
@@ -175,6 +179,9 @@ class TritonBackend:
         self.max_batch_size = int(cfg.get("max_batch_size", 0) or 0)
         self.input_names = [i["name"] for i in cfg.get("input", [])]
         self.output_names = [o["name"] for o in cfg.get("output", [])]
+        # outputs the graph gives per row as a scalar travel as dims [1] with reshape {shape: []}
+        self._reshape = {o["name"]: [int(d) for d in o["reshape"].get("shape", [])]
+                         for o in cfg.get("output", []) if "reshape" in o}
         params = {k: (v or {}).get("string_value", "") for k, v in (cfg.get("parameters") or {}).items()}
         want_sha = manifest.raw.get("files", {}).get(graph.file)
         got_sha = params.get(PARAM_SHA256)
@@ -215,7 +222,8 @@ class TritonBackend:
         opts = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
         result = self._call(f"inference on {self.model_name!r}", lambda c: c.infer(
             self.model_name, inputs, model_version=self.model_version, outputs=outputs, **opts))
-        return [result.as_numpy(n) for n in output_names]
+        out = [result.as_numpy(n) for n in output_names]
+        return [o.reshape(len(o), *self._reshape[n]) if n in self._reshape else o for n, o in zip(output_names, out)]
 
 
 def _message(e: BaseException | None) -> str:

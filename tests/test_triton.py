@@ -141,6 +141,17 @@ def test_repository_options_and_errors(tiny_bge_art, tmp_path):
     assert not [d for d in os.listdir(repo) if d.startswith(".")]  # no staging left behind
 
 
+def test_reranker_repository_has_a_per_row_score(cross_art, tmp_path):
+    repo = str(tmp_path / "repo")
+    names = write_repository(cross_art, repo, backend="onnxruntime", device="gpu")
+    assert names == ["bge-reranker-v2-m3_model"]  # no raw-text ensemble for rerankers yet: token ids in
+    cfg = parse(os.path.join(repo, names[0], "config.pbtxt"))
+    assert [i.name for i in cfg.input] == ["input_ids", "attention_mask"]
+    (score,) = cfg.output
+    assert (score.name, list(score.dims), score.HasField("reshape"), list(score.reshape.shape)) == (
+        "score", [1], True, [])
+
+
 def test_preferred_batch_sizes():
     assert preferred_batch_sizes([16, 32, 64, 128, 256, 512], 16384, 64) == [32, 64]
     assert preferred_batch_sizes([128, 512], 1024, 64) == [2, 8]
@@ -172,11 +183,27 @@ def test_connection_refused_is_a_clear_error(tiny_bge_art):
 
 # ---- a real tritonserver -----------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def triton_server(tiny_bge_art, tmp_path_factory):
-    """The bundled tritonserver serving the tiny BGE through python-backend models (max_batch_size 8)."""
+def cross_ckpt(ckpt_root) -> str:
+    import tiny_models
+
+    return tiny_models.build_cross_encoder(os.path.join(ckpt_root, "triton"))
+
+
+@pytest.fixture(scope="session")
+def cross_art(cross_ckpt, tmp_path_factory) -> str:
+    from bgert.export import export
+
+    return export(cross_ckpt, str(tmp_path_factory.mktemp("triton_art") / "bge-reranker-v2-m3"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def triton_server(tiny_bge_art, cross_art, tmp_path_factory):
+    """The bundled tritonserver serving the tiny BGE (ensemble + model step, max_batch_size 8) and the
+    tiny cross-encoder (model step, max_batch_size 4) through python-backend models."""
     repo = str(tmp_path_factory.mktemp("triton") / "repo")
     write_repository(tiny_bge_art, repo, backend="python", device="cpu", max_batch_size=8, queue_delay_us=2000,
                      threads=1)
+    write_repository(cross_art, repo, backend="python", device="cpu", max_batch_size=4, threads=1)
     try:
         server = TritonServer(repo).start(timeout=180)
     except ServerUnavailable as e:
@@ -254,6 +281,24 @@ def test_embedder_backend_triton_matches_local(triton_server, tiny_bge_art, loca
     be = remote.backend_for(remote.graph())
     assert isinstance(be, TritonBackend) and be.max_batch_size == 8 and be.model_name == model_step_name(
         NAME, remote.graph())
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_reranker_backend_triton_matches_local_and_pytorch(triton_server, cross_art, cross_ckpt, protocol):
+    from FlagEmbedding import FlagReranker
+
+    from bgert.runtime import load
+
+    pairs = [("what is panda?", "The giant panda is a bear species endemic to China."), ("what is panda?", "hi"),
+             ("BM25", "panda " * 600), ("北京", "Москва — столица России. 🐼")] * 2  # 8 rows, max_batch_size 4
+    url = triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
+    remote = load(cross_art, backend="triton", url=url, protocol=protocol)
+    local = load(cross_art)
+    got = remote.compute_score(pairs)
+    assert isinstance(got, list) and len(got) == 8 and all(isinstance(x, float) for x in got)
+    assert np.abs(np.array(got) - local.compute_score(pairs)).max() <= 1e-5
+    ref = FlagReranker(cross_ckpt, use_fp16=False, devices="cpu").compute_score(pairs, normalize=True)
+    assert np.abs(np.array(remote.compute_score(pairs, normalize=True)) - ref).max() <= 1e-5
 
 
 def test_concurrent_requests_are_batched_by_the_dynamic_batcher(triton_server, local):
