@@ -4,7 +4,8 @@ Plain ``session.run`` allocates every output anew and, on a GPU, copies it back 
 temporary. ``IoBindingBackend`` instead keeps, per bucket length L, one set of buffers on the
 provider's device sized for the most rows a batch of L holds (from ``bucket_shapes``):
 
-- inputs are copied host → device into the same buffers each call (one copy per input);
+- inputs are copied host → device into the same buffers each call (one copy per input, at most
+  the token budget's worth of ids);
 - outputs are written by ORT straight into pre-allocated device buffers, bound by address;
   ``run`` copies only the rows in use back to numpy, ``run_device`` hands them to torch or CuPy
   via DLPack without leaving the device (a copy on the device, since the buffers are reused);
@@ -40,6 +41,10 @@ log = logging.getLogger("bgert")
 #: the run option naming a captured CUDA graph; -1 runs without capturing or replaying
 GRAPH_ID_KEY = "gpu_graph_id"
 SKIP_GRAPH = -1
+#: OrtValue.data_type() -> numpy dtype (bindings take numpy dtypes in every onnxruntime version)
+NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+               "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
 
 def bucket_shapes(buckets: Sequence[int], token_budget: int, batch_size: int) -> dict[int, int]:
@@ -66,7 +71,7 @@ class _Slot:
     generation: int
     inputs: dict[str, ort.OrtValue] = field(default_factory=dict)
     staging: dict[str, np.ndarray] = field(default_factory=dict)
-    outputs: dict[str, ort.OrtValue] = field(default_factory=dict)
+    outputs: dict[str, tuple[ort.OrtValue, type]] = field(default_factory=dict)  # buffer, numpy dtype
 
 
 class IoBindingBackend(OrtBackend):
@@ -139,6 +144,9 @@ class IoBindingBackend(OrtBackend):
             n, values = self._execute(feeds, output_names)
             out = []
             for v in values:
+                if not hasattr(v, "__dlpack__"):
+                    raise RuntimeError(f"this onnxruntime ({ort.__version__}) cannot export OrtValues via DLPack; "
+                                       "upgrade onnxruntime or use run()")
                 arr = lib.from_dlpack(v)[:n]
                 out.append(arr.clone() if hasattr(arr, "clone") else arr.copy())
             return out
@@ -168,9 +176,9 @@ class IoBindingBackend(OrtBackend):
             if name in missing:
                 binding.bind_output(name, self.device, self.device_id)  # ORT allocates: shape still unknown
             else:
-                buf = slot.outputs[name]
-                binding.bind_output(name, self.device, self.device_id, buf.element_type(),
-                                    [rows, *buf.shape()[1:]], buf.data_ptr())
+                buf, dtype = slot.outputs[name]
+                binding.bind_output(name, self.device, self.device_id, dtype, [rows, *buf.shape()[1:]],
+                                    buf.data_ptr())
         if self.device == "cuda":
             binding.synchronize_inputs()  # update_inplace's pageable copies must land before the kernels
         if self.fixed_shapes:
@@ -203,13 +211,14 @@ class IoBindingBackend(OrtBackend):
         self._slots[length] = slot
         return slot
 
-    def _allocate_output(self, name: str, value: ort.OrtValue, rows: int, capacity: int) -> ort.OrtValue:
-        shape = list(value.shape())
-        if not shape or shape[0] != rows:
-            raise ValueError(f"output {name!r} has shape {shape}, not [batch, ...]; the IO-binding backend "
-                             "needs batch-first outputs. Use io_binding=False.")
-        return ort.OrtValue.ortvalue_from_shape_and_type([capacity, *shape[1:]], value.element_type(),
-                                                         self.device, self.device_id)
+    def _allocate_output(self, name: str, value: ort.OrtValue, rows: int,
+                         capacity: int) -> tuple[ort.OrtValue, type]:
+        shape, dtype = list(value.shape()), NUMPY_TYPES.get(value.data_type())
+        if not shape or shape[0] != rows or dtype is None:
+            raise ValueError(f"output {name!r} is a {value.data_type()} of shape {shape}; the IO-binding backend "
+                             "needs batch-first numeric outputs. Use io_binding=False.")
+        buf = ort.OrtValue.ortvalue_from_shape_and_type([capacity, *shape[1:]], dtype, self.device, self.device_id)
+        return buf, dtype
 
     def _graph_id(self, key: tuple) -> int:
         gid = self._graph_ids.get(key)

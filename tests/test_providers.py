@@ -280,3 +280,22 @@ def test_warmup_runs_every_bucket_once_per_size(small_model):
     shapes = bucket_shapes(model.length_buckets, model.token_budget, model.batch_size)
     assert sorted(took) == sorted({(n, length) for length, rows in shapes.items() for n in (1, rows)})
     assert model.backend_for(model.graph()).buffers == shapes
+
+
+# ---- the GPU benchmark's CPU mode ----------------------------------------------------------------------
+def test_gpu_bench_dry_run_on_cpu(tmp_path):
+    import json
+
+    from bgert.benchmarks import gpu_bench
+
+    out = tmp_path / "results"
+    assert gpu_bench.main(["--dry-run", "--tiny", "--models", "bge-base", "--short", "4", "--mixed", "4",
+                           "--long", "2", "--latency", "1", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    report = json.loads((out / "gpu_dryrun-cpu.json").read_text())
+    (model,) = report["models"].values()
+    rows = model["variants"]
+    assert {"torch-fp32", "torch-fp16", "ort-cpu-fp32", "ort-cpu-fp32-iobinding"} <= set(rows)
+    for name in ("ort-cpu-fp32", "ort-cpu-fp32-iobinding"):
+        assert rows[name]["mixed"]["cos_min"] >= 0.99999 and rows[name]["long"]["texts_per_s"] > 0
+    assert rows["ort-cpu-fp32-iobinding"]["backend"] == "IoBindingBackend"
+    assert "| ort-cpu-fp32-iobinding |" in (out / "gpu_dryrun-cpu.md").read_text()
