@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -85,12 +85,15 @@ class ItemSpec:
     ``items(arg)``: the list of items, each checked (TypeError/ValueError naming the bad one).
     ``tokens(item)``: estimated tokens of one item, to cut batches by ``max_batch_tokens``.
     ``unwrap(piece)``: a single input's result, from the one-item slice of a merged result.
+    ``merge``: False for a method whose results depend on the other inputs of the call (such
+    requests still queue and run on the worker, one call each).
     """
 
     is_single: Callable[[Any], bool]
     items: Callable[[Any], list[Any]]
     tokens: Callable[[Any], int]
     unwrap: Callable[[Any], Any]
+    merge: bool = True
 
 
 #: a str or a list of str; a str gives the single result (1-D vector, one dict…), as in FlagModel
@@ -101,6 +104,9 @@ TEXTS = ItemSpec(is_single=lambda x: isinstance(x, str), items=lambda x: check_t
 PAIRS = ItemSpec(is_single=_is_pair_input, items=_check_pairs,
                  tokens=lambda p: _text_tokens(p[0]) + _text_tokens(p[1]),
                  unwrap=lambda piece: {k: _first(v) for k, v in piece.items()} if isinstance(piece, dict) else piece)
+#: pairs whose scores depend on the other pairs of the call (BGEM3FlagModel.compute_score's ColBERT
+#: padding quirk): never merged with other requests
+PAIRS_ALONE = replace(PAIRS, merge=False)
 
 
 # ---- splitting a merged result ---------------------------------------------------------------
@@ -153,7 +159,7 @@ class _Request:
         return self.items[0] if self.single else self.items
 
     def merges_with(self, other: "_Request") -> bool:
-        if self.method != other.method:
+        if self.method != other.method or not self.spec.merge:
             return False
         try:
             return bool(self.rest == other.rest and self.kwargs == other.kwargs)

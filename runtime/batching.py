@@ -1,10 +1,11 @@
 """Length buckets and token-budget batching: the one place that decides how inputs are batched.
 
 Items are sorted by length (longest first, stable), then cut into consecutive batches so that
-``batch_len * padded_length <= token_budget`` and ``batch_len <= max_batch_size``; each batch is
-padded up to the smallest bucket that fits its longest item. Callers scatter results back with
-``Batch.indices`` so the caller's order is restored. Masked positions do not contribute to any
-output, so results do not depend on batch size, bucket or neighbours beyond float noise.
+``batch_len * padded_length <= token_budget`` and ``batch_len <= max_batch_size``, never across two
+buckets; each batch is padded up to the smallest bucket that fits its longest item. Callers
+scatter results back with ``Batch.indices`` so the caller's order is restored. Masked positions do
+not contribute to any output, so results do not depend on batch size, bucket or neighbours beyond
+float noise.
 """
 from __future__ import annotations
 
@@ -45,9 +46,11 @@ def bucket_for(n: int, buckets: Sequence[int], multiple_of: int = 1) -> int:
 
 def plan_batches(lengths: Sequence[int], buckets: Sequence[int], token_budget: int = DEFAULT_TOKEN_BUDGET,
                  max_batch_size: int | None = None, multiple_of: int = 1) -> list[Batch]:
-    """Sort by length (longest first) and cut batches by padded-token budget and item count.
+    """Sort by length (longest first) and cut batches by padded-token budget, item count and bucket.
 
-    A single item longer than the budget still gets a batch of its own.
+    A batch never spans two buckets, so no item is padded past its own bucket (a batch of short
+    queries with one long one would otherwise pay the long one's padding on every row). A single
+    item longer than the budget still gets a batch of its own.
     """
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, got {token_budget}")
@@ -62,9 +65,12 @@ def plan_batches(lengths: Sequence[int], buckets: Sequence[int], token_budget: i
     start = 0
     n = len(order)
     cap = max_batch_size or n
+    # minus the bucket index of each sorted item (len(buckets) past the largest): non-decreasing
+    klass = -np.searchsorted(np.asarray(buckets), lengths[order], side="left")
     while start < n:
         padded = bucket_for(int(lengths[order[start]]), buckets, multiple_of)
-        count = max(1, min(cap, token_budget // padded, n - start))
+        same_bucket = int(np.searchsorted(klass, klass[start], side="right")) - start
+        count = max(1, min(cap, token_budget // padded, same_bucket))
         batches.append(Batch(indices=order[start:start + count], length=padded))
         start += count
     return batches

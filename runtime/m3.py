@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .base import BgeModel
+from .batcher import PAIRS_ALONE
 from .batching import Batch, pad
 from .embedder import format_instruction
 from .tokenize import check_max_length, check_texts
@@ -46,6 +47,8 @@ class M3Embedder(BgeModel):
     """BGE-M3 served from an ONNX artifact, with BGEM3FlagModel-compatible calls and outputs."""
 
     kinds = ("m3",)
+    #: compute_score's ColBERT padding quirk depends on the other pairs: never merged by the batcher
+    batched_methods = {**BgeModel.batched_methods, "compute_score": PAIRS_ALONE}
 
     def __init__(self, model_dir: str, *, query_instruction_for_retrieval: str | None = None,
                  query_instruction_format: str | None = None, normalize_embeddings: bool | None = None,

@@ -320,3 +320,76 @@ def test_micro_batcher_standalone_context_manager():
     with MicroBatcher(rr, {"compute_score": PAIRS}, max_wait_ms=1) as b:
         assert b.submit("compute_score", [("a", "b")]).result(timeout=30) == [101.0]
     assert b.closed
+
+
+# ---- the other runtime families, on tiny exported models -------------------------------------
+RERANK_PAIRS = [("what is panda?", "hi"), ("what is panda?", "The giant panda is a bear species endemic to China."),
+                ("北京", "北京是中华人民共和国的首都。"), ("", "empty query"), ("BM25", "panda " * 600)]
+
+
+@pytest.fixture(scope="module")
+def cross_art(tmp_path_factory) -> str:
+    import tiny_models
+    from bgert.export import export
+
+    root = tmp_path_factory.mktemp("batcher-cross")
+    return export(tiny_models.build_cross_encoder(str(root)), str(root / "art"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def m3_art(tmp_path_factory) -> str:
+    import tiny_models
+    from bgert.export import export
+
+    root = tmp_path_factory.mktemp("batcher-m3")
+    return export(tiny_models.build_m3(str(root)), str(root / "art"), progress=False)
+
+
+def test_reranker_acompute_score_equals_alone(cross_art):
+    from bgert.runtime import Reranker
+
+    rr = Reranker(cross_art, intra_op_num_threads=1)
+    rr.start_batcher(max_wait_ms=50)
+    reqs = [(RERANK_PAIRS[i % 5], {}) for i in range(5)] + [(RERANK_PAIRS[:3], {}), (RERANK_PAIRS[2:], {}),
+                                                            (RERANK_PAIRS[1:4], {"normalize": True}), ([], {})]
+
+    async def main():
+        return await asyncio.gather(*(rr.acompute_score(a, **kw) for a, kw in reqs))
+
+    got = asyncio.run(main())
+    assert rr.batcher.stats()["calls"] <= 3  # plain, normalized, and the empty request merged in
+    for (a, kw), g in zip(reqs, got):
+        alone = rr.compute_score(a, **kw)
+        assert isinstance(g, list) and len(g) == len(alone) and np.allclose(g, alone, atol=1e-5, rtol=0), (a, kw)
+    rr.close()
+
+
+def test_m3_aencode_dict_outputs_equal_alone(m3_art):
+    from bgert.runtime import M3Embedder
+
+    m3 = M3Embedder(m3_art, intra_op_num_threads=1)
+    m3.start_batcher(max_wait_ms=50)
+    kw = {"return_dense": True, "return_sparse": True, "return_colbert_vecs": True}
+    reqs = [(t, kw) for t in TEXTS_MIX[:5]] + [(TEXTS_MIX[3:], kw), (TEXTS_MIX[:2], {})]
+
+    async def main():
+        enc = [m3.aencode(a, **k) for a, k in reqs]
+        return await asyncio.gather(*enc, m3.acompute_score(RERANK_PAIRS[:2]), m3.acompute_score(RERANK_PAIRS[1]))
+
+    *got, scores, one = asyncio.run(main())
+    for (a, k), g in zip(reqs, got):
+        alone = m3.encode(a, **k)
+        assert g.keys() == alone.keys(), a
+        for key, v in alone.items():
+            if v is None:
+                assert g[key] is None
+            elif key == "lexical_weights":
+                ref = [v] if isinstance(a, str) else v
+                out = [g[key]] if isinstance(a, str) else g[key]
+                assert all(x.keys() == y.keys() and all(abs(x[t] - y[t]) <= 1e-5 for t in x) for x, y in zip(out, ref))
+            else:
+                assert close_to(g[key], v), (a, key)
+    assert close_to(scores, m3.compute_score(RERANK_PAIRS[:2]))
+    assert isinstance(one["dense"], float) and close_to(one, m3.compute_score(RERANK_PAIRS[1]))
+    assert not M3Embedder.batched_methods["compute_score"].merge  # its ColBERT quirk depends on the neighbours
+    m3.close()
