@@ -30,6 +30,21 @@ CPU_PREFERENCE = ("int8", "fp32", "int8-static", "fp16")
 GPU_PREFERENCE = ("fp16", "fp32", "int8-static", "int8")
 
 
+#: FlagEmbedding constructor arguments that choose torch devices/dtypes; an ONNX artifact fixes
+#: them at export (precision=, providers= are the runtime's equivalents), so they are accepted
+#: for drop-in compatibility and ignored with one log line.
+REFERENCE_ONLY_OPTIONS = ("use_fp16", "use_bf16", "devices", "trust_remote_code", "cache_dir", "pooling_method")
+
+
+def _drop_reference_only_options(options: dict[str, Any]) -> None:
+    dropped = [k for k in REFERENCE_ONLY_OPTIONS if k in options]
+    for k in dropped:
+        options.pop(k)
+    if dropped:
+        log.info("bgert: ignoring FlagEmbedding-only option(s) %s: the artifact fixes pooling and weights; "
+                 "use precision= and providers= to choose the graph and device.", ", ".join(dropped))
+
+
 class BgeModel(BatchedAPI):
     """Base of the runtime classes. Not used directly: see Embedder, M3Embedder, Reranker…
 
@@ -47,6 +62,7 @@ class BgeModel(BatchedAPI):
                  length_buckets: Sequence[int] | None = None, verify: bool = True,
                  backend: str = "ort", show_progress_bar: bool = False, **backend_options: Any):
         self.model_dir = os.fspath(model_dir)
+        _drop_reference_only_options(backend_options)
         self.manifest: Manifest = read_manifest(self.model_dir, verify=verify)
         if self.kinds and self.manifest.kind not in self.kinds:
             from . import class_for_kind  # the right class to suggest

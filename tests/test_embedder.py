@@ -198,3 +198,10 @@ def test_manifest_records_hashes_and_parity(tiny_bge_art):
     assert m.raw["parity"]["fp32"]["cos_min"] >= 0.99999
     assert m.get("pooling") == "cls" and m.get("normalize") is True
     assert m.raw["source"]["sha256"] and len(m.raw["source"]["sha256"]) == 64
+
+
+def test_flagembedding_only_options_are_accepted_and_typos_are_not(tiny_bge_art):
+    m = Embedder(tiny_bge_art, use_fp16=True, devices="cpu")  # drop-in for FlagModel(...)
+    assert m.encode("a").shape == (m.dim,)
+    with pytest.raises(TypeError, match="intra_op_num_thread"):
+        Embedder(tiny_bge_art, intra_op_num_thread=2)
