@@ -4,8 +4,9 @@
 class keeps its own tokenisation, token-budget batching and length buckets on the client and
 only the padded id tensors travel: ``Embedder(dir, backend="triton", url=..., protocol="grpc")``
 gives the same outputs as the local backend. The server must serve a repository written by
-``bgert triton-repo`` for the same artifact (its model step is checked against the graph's
-sha256). Inference is idempotent, so transient failures (connection refused or reset, server
+``bgert triton-repo`` for the same artifact: its model step is checked against the graph's
+sha256 when the backend is created and again after every connection failure, and each request
+names that sha256 so bgert's python-backend model step refuses it when it runs another graph. Inference is idempotent, so transient failures (connection refused or reset, server
 unavailable) are retried with exponential backoff before a clear error is raised; a timeout is
 reported at once, since the server may still be running the request and a resend would add load.
 """
@@ -101,6 +102,9 @@ class TritonBackend:
         self.retries = int(retries)
         self.backoff = float(backoff)
         self._local = threading.local()
+        self._manifest, self._graph = manifest, graph
+        self._sha256 = manifest.raw.get("files", {}).get(graph.file)
+        self._recheck = False
         self._check_model(manifest, graph)
 
     # ---- connection ------------------------------------------------------------------------
@@ -130,8 +134,8 @@ class TritonBackend:
             return None
         if isinstance(e, TimeoutError) or type(e).__name__ in ("Timeout", "timeout"):
             return "timeout"
-        if isinstance(e, (ConnectionError, OSError)):
-            return "unavailable"
+        if isinstance(e, (ConnectionError, OSError)) or type(e).__name__ == "HTTPConnectionClosed":
+            return "unavailable"  # geventhttpclient's HTTPConnectionClosed: the server went away mid-request
         return None
 
     def _call(self, what: str, fn: Callable[[Any], Any]) -> Any:
@@ -149,6 +153,7 @@ class TritonBackend:
                     raise TritonError(f"{self._where()} rejected {what}: {_message(e)}") from e
                 last = e
                 self._local.client = None  # reconnect on the next attempt
+                self._recheck = True  # and make sure the server that answers then still runs our graph
                 if kind == "timeout":  # the server may still be running it: a resend would pile up work
                     break
         if kind == "timeout":
@@ -209,6 +214,9 @@ class TritonBackend:
         return [np.concatenate([p[k] for p in parts]) for k in range(len(output_names))]
 
     def _infer(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        if self._recheck:
+            self._recheck = False
+            self._check_model(self._manifest, self._graph)
         mod = self._mod
         inputs = []
         for name, arr in feeds.items():
@@ -219,7 +227,9 @@ class TritonBackend:
             inp.set_data_from_numpy(arr)
             inputs.append(inp)
         outputs = [mod.InferRequestedOutput(n) for n in output_names]
-        opts = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+        opts: dict[str, Any] = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+        if self._sha256:
+            opts["parameters"] = {PARAM_SHA256: self._sha256}
         result = self._call(f"inference on {self.model_name!r}", lambda c: c.infer(
             self.model_name, inputs, model_version=self.model_version, outputs=outputs, **opts))
         out = [result.as_numpy(n) for n in output_names]

@@ -348,6 +348,15 @@ def test_server_side_errors_are_clear(triton_server, tiny_bge_art):
     manifest.raw["files"] = dict(manifest.raw["files"], **{"model.onnx": "0" * 64})  # another export's graph
     with pytest.raises(TritonError, match="does not run this artifact's fp32 graph"):
         TritonBackend(manifest, manifest.graphs[0], url=triton_server.grpc_url)
+    # each request names its graph: the model step refuses one that expects another (a replaced repository)
+    local_manifest = read_manifest(tiny_bge_art)
+    for url, protocol in ((triton_server.grpc_url, "grpc"), (triton_server.http_url, "http")):
+        be = TritonBackend(local_manifest, local_manifest.graphs[0], url=url, protocol=protocol)
+        feeds = {"input_ids": np.array([[2, 5, 3]]), "attention_mask": np.ones((1, 3), np.int64)}
+        assert be.run(feeds, ["dense"])[0].shape == (1, 32)
+        be._sha256 = "0" * 64
+        with pytest.raises(TritonError, match=r"rejected inference.*does not run this artifact's graph"):
+            be.run(feeds, ["dense"])
     with pytest.raises(Exception, match="not valid UTF-8"):
         mod, client = _client("grpc", triton_server)
         inp = mod.InferInput("TEXT", [1, 1], "BYTES")

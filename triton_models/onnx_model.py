@@ -3,7 +3,9 @@
 Runs inside tritonserver, as the model step of repositories made with ``--backend python`` (the
 bundled tritonserver has no ONNX Runtime backend). It uses bgert.runtime's own OrtBackend, copied
 next to this file by ``bgert triton-repo``. Requests that Triton's dynamic batcher hands over
-together are concatenated per padded shape and run as one batch.
+together are concatenated per padded shape and run as one batch. A request that names the graph it
+expects (parameter ``bgert_graph_sha256``, sent by bgert's TritonBackend) is refused when this model
+runs another graph, so a client never gets another export's outputs after a repository change.
 """
 import json
 import os
@@ -29,6 +31,8 @@ class TritonPythonModel:
         threads = int(params.get("intra_op_thread_count", "0")) or None
         self.backend = OrtBackend(os.path.join(here, params["graph_file"]), resolve_providers(providers),
                                   session_options(threads, 1))
+        self.sha256 = params.get("bgert_graph_sha256", "")
+        self.name = cfg["name"]
         self.input_names = [i["name"] for i in cfg["input"]]
         self.output_names = [o["name"] for o in cfg["output"]]
 
@@ -37,6 +41,13 @@ class TritonPythonModel:
         groups = {}
         feeds = []
         for i, request in enumerate(requests):
+            expected = json.loads(request.parameters() or "{}").get("bgert_graph_sha256")
+            if expected and self.sha256 and expected != self.sha256:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"model {self.name!r} does not run this artifact's graph (it serves sha256 {self.sha256[:12]}…, "
+                    f"the request expects {expected[:12]}…): the repository changed; regenerate it from this "
+                    "artifact, or open the artifact this repository was made from"))
+                continue
             f = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.input_names}
             feeds.append(f)
             groups.setdefault(tuple(a.shape[1:] for a in f.values()), []).append(i)
