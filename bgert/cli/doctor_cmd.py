@@ -129,7 +129,8 @@ def test_inference(model: Any) -> str:
         assert np.allclose(norms, 1.0, atol=1e-3), f"vectors should be unit length, norms {norms}"
     shape = f"{out.shape} {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__
     return (f"{type(model).__name__}.{call.__name__} on {len(items)} inputs -> {shape}, finite, batch = alone "
-            f"({model.precision} on {', '.join(map(str, getattr(model, 'providers', [])))}, {ms:.0f} ms)")
+            f"({model.precision} on {', '.join(map(str, getattr(model, 'providers', []))) or model.backend_name}, "
+            f"first call incl. session start {ms:.0f} ms)")
 
 
 def check_artifact(path: str, providers: list[str] | None = None, precision: str | None = None) -> dict[str, Any]:
@@ -155,7 +156,7 @@ def check_artifact(path: str, providers: list[str] | None = None, precision: str
         for rel in m.raw["files"]:
             check(f"sha256 {rel}", "fail" if rel in problems else "ok", problems.get(rel, "matches the manifest"))
         for g in m.graphs:
-            q = ", ".join(f"{k} {v:.6g}" for k, v in g.quality.items() if isinstance(v, (int, float)))
+            q = ", ".join(f"{k} {v:.7g}" for k, v in g.quality.items() if isinstance(v, (int, float)))
             cut = f" cutoff {g.cutoff_layers}" if g.cutoff_layers else ""
             # a graph that missed its gate is served only when asked for by name: a warning, not a failure
             check(f"gate {g.precision}{cut}", "ok" if g.gate_passed else "warn",
