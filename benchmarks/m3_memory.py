@@ -50,8 +50,6 @@ def build_checkpoint(path: str) -> str:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizerFast
 
-    if os.path.isfile(os.path.join(path, "sparse_linear.pt")):
-        return path
     specials = ["<s>", "<pad>", "</s>", "<unk>"]
     vocab = specials + [f"w{i}" for i in range(VOCAB - len(specials) - 1)] + ["<mask>"]
     tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
@@ -231,7 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.child:
         kind, ckpt, art, *rest = args.child
-        if kind == "memory":
+        if kind == "build":
+            res = build_checkpoint(ckpt)
+        elif kind == "export":
+            from bgert.export import export
+
+            res = export(ckpt, art, progress=False)
+        elif kind == "memory":
             engine, n, mpl = rest
             res = child_memory(engine, ckpt, art, int(n), None if mpl == "-" else int(mpl))
         else:
@@ -240,14 +244,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from bgert.benchmarks.machine import command_line, machine_info
-    from bgert.export import export
 
     lengths = sorted(int(x) for x in args.lengths.split(","))
     work = args.work or tempfile.mkdtemp(prefix="bgert-m3-bench-")
-    ckpt = build_checkpoint(os.path.join(work, "bge-m3-shape"))
+    ckpt = os.path.join(work, "bge-m3-shape")
+    if not os.path.isfile(os.path.join(ckpt, "sparse_linear.pt")):
+        _spawn("build", ckpt, "-")
     art = os.path.join(work, "artifact")
-    if not os.path.isfile(os.path.join(art, "manifest.json")):
-        export(ckpt, art, progress=True)
+    if not os.path.isfile(os.path.join(art, "manifest.json")):  # in a child, so this process stays small
+        _spawn("export", ckpt, art)
     longest = lengths[-1]
     print(f"memory runs at {longest} tokens…", file=sys.stderr)
     memory = [_spawn("memory", ckpt, art, "bgert", str(longest), "-")]
