@@ -128,7 +128,8 @@ def command_line(argv: list[str] | None = None) -> str:
     argv = sys.argv if argv is None else argv
     if not argv:
         return ""
-    prog = "bgert" if os.path.basename(argv[0]) == "bgert" else f"python {argv[0]}"
+    cli = os.path.join("bgert", "cli", "__main__.py")  # `python -m bgert.cli` is `bgert`
+    prog = "bgert" if os.path.basename(argv[0]) == "bgert" or argv[0].endswith(cli) else f"python {argv[0]}"
     return " ".join([prog, *map(shlex.quote, argv[1:])])
 
 
