@@ -67,6 +67,7 @@ SPEC_MODULES: dict[str, str] = {
     "reranker": "bgert.export.reranker_spec:CrossEncoderSpec",
     "llm_reranker": "bgert.export.reranker_spec:LLMRerankerSpec",
     "layerwise_reranker": "bgert.export.reranker_spec:LayerwiseRerankerSpec",
+    "decoder_embedder": "bgert.export.decoder_embedder_spec:DecoderEmbedderSpec",
 }
 
 

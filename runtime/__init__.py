@@ -29,6 +29,10 @@ register("reranker", Reranker)
 register("llm_reranker", LLMReranker)
 register("layerwise_reranker", LayerwiseReranker)
 
+from .decoder_embedder import DecoderEmbedder  # noqa: E402
+
+register("decoder_embedder", DecoderEmbedder)
+
 
 def class_for_kind(kind: str) -> type[BgeModel]:
     if kind not in _CLASSES:
@@ -47,3 +51,4 @@ __all__ = ["ArtifactError", "BgeModel", "Embedder", "Manifest", "ProviderError",
            "register", "resolve_providers"]
 __all__ += ["M3Embedder"]
 __all__ += ["LLMReranker", "LayerwiseReranker", "Reranker"]
+__all__ += ["DecoderEmbedder"]

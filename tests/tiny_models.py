@@ -186,3 +186,38 @@ def build_minicpm_layerwise(root: str, name: str = "bge-reranker-v2-minicpm-laye
                                  architectures=["LayerWiseMiniCPMForCausalLM"])
     LayerWiseMiniCPMForCausalLM(cfg).eval().save_pretrained(d)
     return d
+
+
+def build_gemma2_embedder(root: str, name: str = "bge-multilingual-gemma2", layers: int = 2,
+                          sliding_window: int = 4096) -> str:
+    """Gemma2Model (bge-multilingual-gemma2 layout: FlagLLMModel, last-token pooling), right padding."""
+    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
+
+    d = os.path.join(root, name)
+    tok = build_bpe_tokenizer(d, ["<pad>", "<eos>", "<bos>", "<unk>"], GemmaTokenizerFast, pad_token="<pad>",
+                              eos_token="<eos>", bos_token="<bos>", unk_token="<unk>", padding_side="right")
+    torch.manual_seed(SEED)
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=H, intermediate_size=64, num_hidden_layers=layers,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                       max_position_embeddings=2048, sliding_window=sliding_window, final_logit_softcapping=30.0,
+                       attn_logit_softcapping=50.0, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                       initializer_range=INIT, architectures=["Gemma2Model"])
+    Gemma2Model(cfg).eval().save_pretrained(d)
+    return d
+
+
+def build_mistral_embedder(root: str, name: str = "bge-en-icl", layers: int = 2, sliding_window: int | None = 4096,
+                           padding_side: str = "left") -> str:
+    """MistralModel with a Llama tokenizer (bge-en-icl layout: FlagICLModel, last-token pooling)."""
+    from transformers import LlamaTokenizerFast, MistralConfig, MistralModel
+
+    d = os.path.join(root, name)
+    tok = build_bpe_tokenizer(d, ["<unk>", "<s>", "</s>"], LlamaTokenizerFast, unk_token="<unk>", bos_token="<s>",
+                              eos_token="</s>", pad_token="<unk>", padding_side=padding_side)
+    torch.manual_seed(SEED)
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=H, intermediate_size=64, num_hidden_layers=layers,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=2048,
+                        sliding_window=sliding_window, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        initializer_range=INIT, architectures=["MistralModel"])
+    MistralModel(cfg).eval().save_pretrained(d)
+    return d
