@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "encode": ("bgert.cli.encode_cmd", "embed texts from a file or stdin"),
     "demo": ("bgert.cli.demo_cmd", "export the bundled all-MiniLM-L6-v2, check parity and speed"),
     "doctor": ("bgert.cli.doctor_cmd", "check providers, CPU features, versions, and an artifact's integrity"),
+    "triton-repo": ("bgert.cli.triton_repo_cmd", "write a Triton model repository for an artifact"),
+    "triton-serve": ("bgert.cli.triton_serve_cmd", "run the tritonserver bundled in nvidia-pytriton on a repository"),
     "bench": ("bgert.cli.bench_cmd", "parity and throughput against the PyTorch reference, roofline, plots"),
     "eval": ("bgert.cli.eval_cmd", "BEIR retrieval quality (NDCG@10, Recall@100, MRR@10), optional reranking"),
 }
