@@ -242,6 +242,42 @@ class EmbedderFamily(Family):
         return call, "FlagEmbedding FlagModel (use_fp16=False)"
 
 
+class DecoderEmbedderFamily(EmbedderFamily):
+    """bge-multilingual-gemma2 (FlagLLMModel) and bge-en-icl (FlagICLModel, no examples)."""
+
+    kinds = ("decoder_embedder",)
+
+    def auto_reference(self, src: str) -> str:
+        return "flagembedding"
+
+    def tokens(self, items: list[Any], role: str) -> np.ndarray:
+        m = self.model
+        if role == "query" and m.icl:
+            seqs = m.icl_sequences(list(items), m.query_max_length, m.examples_for_task,
+                                   m.query_instruction_for_retrieval)
+            return np.array([len(s) for s in seqs], dtype=np.int64)
+        return super().tokens(items, role)
+
+    def reference(self, which: str, src: str) -> tuple[Callable[[list[Any], int, str], Any], str]:
+        if which != "flagembedding":
+            raise BenchError("decoder embedders are compared with FlagEmbedding (--reference flagembedding)")
+        import FlagEmbedding
+
+        m = self.model
+        name = "FlagICLModel" if m.icl else "FlagLLMModel"
+        cls = getattr(FlagEmbedding, name)
+        ref = cls(src, use_fp16=False, devices="cpu", normalize_embeddings=m.normalize_embeddings,
+                  query_instruction_for_retrieval=m.query_instruction_for_retrieval,
+                  query_instruction_format=m.query_instruction_format,
+                  query_max_length=m.query_max_length, passage_max_length=m.passage_max_length)
+
+        def call(items: list[str], bs: int, role: str) -> np.ndarray:
+            with _quiet():
+                fn = ref.encode_queries if role == "query" else ref.encode_corpus
+                return fn(items, batch_size=bs)
+        return call, f"FlagEmbedding {name} (use_fp16=False)"
+
+
 class M3Family(Family):
     kinds = ("m3",)
     OUTPUTS = {"dense": "return_dense", "sparse": "return_sparse", "colbert": "return_colbert_vecs"}
@@ -420,7 +456,7 @@ class LayerwiseFamily(RerankerFamily):
         return max(self.model.exported_cutoffs)
 
 
-FAMILIES: list[type[Family]] = [EmbedderFamily, M3Family, RerankerFamily, LayerwiseFamily]
+FAMILIES: list[type[Family]] = [EmbedderFamily, DecoderEmbedderFamily, M3Family, RerankerFamily, LayerwiseFamily]
 
 
 def family_for(model: Any) -> Family:

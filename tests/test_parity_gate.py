@@ -45,6 +45,16 @@ def layerwise_art(gate_root) -> str:
     return _export(tiny_models.build_minicpm_layerwise, gate_root, cutoff_layers=[2, 3, 4])
 
 
+@pytest.fixture(scope="module")
+def gemma2_emb_art(gate_root) -> str:
+    return _export(tiny_models.build_gemma2_embedder, gate_root)
+
+
+@pytest.fixture(scope="module")
+def icl_art(gate_root) -> str:
+    return _export(tiny_models.build_mistral_embedder, gate_root)
+
+
 def run_gate(artifact: str, **kw) -> dict:
     t = time.perf_counter()
     result = parity(artifact, sizes=SIZES, threads=2, **kw)
@@ -60,6 +70,8 @@ CASES = [
     ("tiny_bge_art", "FlagModel", {"dense"}),
     ("tiny_mean_art", "SentenceTransformer", {"dense"}),
     ("minilm_art", "SentenceTransformer", {"dense"}),
+    ("gemma2_emb_art", "FlagLLMModel", {"dense"}),
+    ("icl_art", "FlagICLModel", {"dense"}),
     ("m3_art", "BGEM3FlagModel", {"dense", "sparse", "colbert"}),
     ("cross_art", "FlagReranker", {"score"}),
     ("gemma_art", "FlagLLMReranker", {"score"}),
