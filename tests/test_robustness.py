@@ -227,3 +227,32 @@ def test_ten_thousand_mixed_items(model):
     for i, t in enumerate(items):
         index.setdefault(t, i)
         assert np.abs(got[i] - got[index[t]]).max() <= ATOL
+
+
+# ---- bad arguments: clear errors before anything reaches ONNX Runtime ------------------------
+@pytest.mark.parametrize("max_length,error,message", [
+    (1, ValueError, r"max_length=1 is too small: texts\[0\] keeps \d+ tokens"),  # was an ORT crash
+    (-5, ValueError, r"max_length must be >= 1, got -5"),
+    (2.5, TypeError, r"max_length must be an int, got float"),
+    ("64", TypeError, r"max_length must be an int, got str"),
+])
+def test_bad_max_length_is_a_clear_error(model, max_length, error, message):
+    with pytest.raises(error, match=message):
+        model.encode(["panda " * 1000], max_length=max_length)
+
+
+@pytest.mark.parametrize("buckets", [[1000], [0, 64], [-4], [16, 513]])
+def test_length_buckets_past_max_length_are_refused(tiny_bge_art, buckets):
+    with pytest.raises(ValueError, match=r"length_buckets must be ints between 1 and max_length \(512\)"):
+        Embedder(tiny_bge_art, length_buckets=buckets, verify=False)  # [1000] used to crash inside ORT
+
+
+def test_unordered_or_wrong_containers_are_refused(model):
+    with pytest.raises(TypeError, match="sentences is a set, which has no order"):
+        model.encode({"a", "b"})
+    for bad, what in ((None, "NoneType"), (b"bytes", "bytes"), ({"a": 1}, "dict"), (3, "int")):
+        with pytest.raises(TypeError, match=f"sentences must be a str or a list of str, got {what}"):
+            model.encode(bad)
+    with pytest.raises(TypeError, match=r"sentences\[1\] is bytes, expected str"):
+        model.encode(["a", b"b"])
+    assert model.encode(x for x in ["a", "b"]).shape == (2, model.dim)  # any ordered iterable is fine
