@@ -68,6 +68,7 @@ SPEC_MODULES: dict[str, str] = {
     "llm_reranker": "bgert.export.reranker_spec:LLMRerankerSpec",
     "layerwise_reranker": "bgert.export.reranker_spec:LayerwiseRerankerSpec",
     "decoder_embedder": "bgert.export.decoder_embedder_spec:DecoderEmbedderSpec",
+    "lightweight_reranker": "bgert.export.lightweight_spec:LightweightRerankerSpec",
 }
 
 

@@ -33,6 +33,10 @@ from .decoder_embedder import DecoderEmbedder  # noqa: E402
 
 register("decoder_embedder", DecoderEmbedder)
 
+from .lightweight import LightweightReranker  # noqa: E402
+
+register("lightweight_reranker", LightweightReranker)
+
 
 def class_for_kind(kind: str) -> type[BgeModel]:
     if kind not in _CLASSES:
@@ -52,3 +56,4 @@ __all__ = ["ArtifactError", "BgeModel", "Embedder", "Manifest", "ProviderError",
 __all__ += ["M3Embedder"]
 __all__ += ["LLMReranker", "LayerwiseReranker", "Reranker"]
 __all__ += ["DecoderEmbedder"]
+__all__ += ["LightweightReranker"]

@@ -208,18 +208,23 @@ class LLMReranker(_PairReranker):
         self.separator = self.manifest.get("separator", "\n")
         self.bos_prefix = [] if self.manifest.get("bos_prefix_id") is None else [int(self.manifest.get("bos_prefix_id"))]
 
-    def _sequences(self, pairs: list[Pair], query_max_length: int, max_length: int,
-                   prompt: str | None) -> list[list[int]]:
-        """FlagLLMReranker's assembly: the passage (with its separator) trimmed to
-        ``max_length + len(sep) + len(prompt)`` overall, then separator and prompt appended."""
+    def _pieces(self, pairs: list[Pair], query_max_length: int, max_length: int,
+                prompt: str | None) -> list[tuple[list[int], list[int], list[int]]]:
+        """FlagLLMReranker's assembly as (bos+query, sep+passage, sep+prompt) per pair: the passage
+        (with its separator) trimmed to ``max_length + len(sep) + len(prompt)`` overall."""
         prompt = prompt if prompt is not None else self.prompt if self.prompt is not None else self.manifest.get("prompt")
         sep, prompt_ids = self.tokenizer.encode([self.separator, prompt], add_special_tokens=False)
         limit = max_length + len(sep) + len(prompt_ids)
         out = []
         for q, p in self._sides(pairs, query_max_length, max_length):
             first = self.bos_prefix + q
-            out.append(first + trim_second(len(first), sep + p, limit, self.truncation_side) + sep + prompt_ids)
+            out.append((first, trim_second(len(first), sep + p, limit, self.truncation_side), sep + prompt_ids))
         return out
+
+    def _sequences(self, pairs: list[Pair], query_max_length: int, max_length: int,
+                   prompt: str | None) -> list[list[int]]:
+        """The token ids of each pair: the three pieces of ``_pieces`` joined."""
+        return [a + b + c for a, b, c in self._pieces(pairs, query_max_length, max_length, prompt)]
 
     def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
                       query_max_length: int | None = None, max_length: int | None = None,

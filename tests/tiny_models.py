@@ -221,3 +221,23 @@ def build_mistral_embedder(root: str, name: str = "bge-en-icl", layers: int = 2,
                         initializer_range=INIT, architectures=["MistralModel"])
     MistralModel(cfg).eval().save_pretrained(d)
     return d
+
+
+def build_lightweight(root: str, name: str = "bge-reranker-v2.5-gemma2-lightweight", layers: int = 4) -> str:
+    """CostWiseGemmaForCausalLM (FlagEmbedding's bundled code; transformers <= 4.47 only), heads for 2..layers."""
+    from FlagEmbedding.inference.reranker.decoder_only.models.gemma_config import CostWiseGemmaConfig
+    from FlagEmbedding.inference.reranker.decoder_only.models.gemma_model import CostWiseGemmaForCausalLM
+    from transformers import GemmaTokenizerFast
+
+    d = os.path.join(root, name)
+    tok = build_bpe_tokenizer(d, ["<pad>", "<eos>", "<bos>", "<unk>"], GemmaTokenizerFast, pad_token="<pad>",
+                              eos_token="<eos>", bos_token="<bos>", unk_token="<unk>")
+    torch.manual_seed(SEED)
+    cfg = CostWiseGemmaConfig(vocab_size=len(tok), hidden_size=H, intermediate_size=64, num_hidden_layers=layers,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                              max_position_embeddings=2048, sliding_window=4096, start_layer=2, layer_sep=1,
+                              layer_wise=True, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                              pad_token_id=0, eos_token_id=1, bos_token_id=2, use_cache=False,
+                              initializer_range=INIT, architectures=["CostWiseGemmaForCausalLM"])
+    CostWiseGemmaForCausalLM(cfg).eval().save_pretrained(d)
+    return d
