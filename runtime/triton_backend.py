@@ -105,7 +105,7 @@ class TritonBackend:
         self._manifest, self._graph = manifest, graph
         self._sha256 = manifest.raw.get("files", {}).get(graph.file)
         self._recheck = False
-        self._check_model(manifest, graph)
+        self._check_model()
 
     # ---- connection ------------------------------------------------------------------------
     def _client(self) -> Any:
@@ -118,6 +118,14 @@ class TritonBackend:
                                                     network_timeout=self.timeout)
             self._local.client = c
         return c
+
+    def _drop_client(self) -> None:
+        c, self._local.client = getattr(self._local, "client", None), None
+        try:
+            if c is not None:
+                c.close()
+        except Exception:  # a broken connection may fail to close; it is dropped either way
+            pass
 
     def _where(self) -> str:
         return f"Triton at {self.url} ({self.protocol})"
@@ -152,7 +160,7 @@ class TritonBackend:
                 if kind is None:
                     raise TritonError(f"{self._where()} rejected {what}: {_message(e)}") from e
                 last = e
-                self._local.client = None  # reconnect on the next attempt
+                self._drop_client()  # reconnect on the next attempt
                 self._recheck = True  # and make sure the server that answers then still runs our graph
                 if kind == "timeout":  # the server may still be running it: a resend would pile up work
                     break
@@ -167,7 +175,9 @@ class TritonBackend:
             "and check url= and protocol=.") from last
 
     # ---- model checks ----------------------------------------------------------------------
-    def _check_model(self, manifest: Manifest, graph: Graph) -> None:
+    def _check_model(self) -> None:
+        """The model is ready and runs this graph (sha256 in its config); read its batch size and I/O."""
+        manifest, graph = self._manifest, self._graph
         opts = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
         self._call("a liveness check", lambda c: c.is_server_live(**opts))
         ready = self._call(f"a readiness check of model {self.model_name!r}",
@@ -188,7 +198,7 @@ class TritonBackend:
         self._reshape = {o["name"]: [int(d) for d in o["reshape"].get("shape", [])]
                          for o in cfg.get("output", []) if "reshape" in o}
         params = {k: (v or {}).get("string_value", "") for k, v in (cfg.get("parameters") or {}).items()}
-        want_sha = manifest.raw.get("files", {}).get(graph.file)
+        want_sha = self._sha256
         got_sha = params.get(PARAM_SHA256)
         if got_sha and want_sha and got_sha != want_sha:
             got_prec = params.get(PARAM_PRECISION, "?")
@@ -216,7 +226,7 @@ class TritonBackend:
     def _infer(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         if self._recheck:
             self._recheck = False
-            self._check_model(self._manifest, self._graph)
+            self._check_model()
         mod = self._mod
         inputs = []
         for name, arr in feeds.items():

@@ -27,7 +27,8 @@ from typing import Any, Sequence
 from bgert.runtime.base import CPU_PREFERENCE, GPU_PREFERENCE
 from bgert.runtime.batching import DEFAULT_TOKEN_BUDGET
 from bgert.runtime.manifest import ArtifactError, Graph, Manifest, read_manifest
-from bgert.runtime.triton_backend import PARAM_PRECISION, PARAM_SHA256, default_repo_name, model_step_name, sanitize_name
+from bgert.runtime.triton_backend import (PARAM_PRECISION, PARAM_SHA256, default_repo_name, model_step_name,
+                                          sanitize_name)
 
 from .pbtxt import Sym, dumps
 

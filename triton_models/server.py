@@ -151,7 +151,8 @@ class TritonServer:
         log = open(self.log_path, "wb")
         try:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env.process_env(),
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         finally:
             log.close()
         try:
@@ -201,6 +202,17 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the process that started the server dies (Linux), so a killed
+    test run or benchmark leaves no server behind. (Linux sends it when the starting thread exits.)"""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def run_foreground(cmd: list[str], env: ServerEnv) -> int:
