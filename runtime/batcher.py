@@ -24,6 +24,7 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
+import inspect
 import logging
 import threading
 import time
@@ -226,8 +227,13 @@ class MicroBatcher:
         if spec is None:
             raise ValueError(f"{type(self.target).__name__}.{method} is not a batched method; "
                              f"batched: {', '.join(sorted(self.specs)) or 'none'}")
-        if not args:
-            raise TypeError(f"{method}() needs its inputs as the first argument")
+        if not args:  # inputs given by name, e.g. encode(sentences=[...])
+            params = inspect.signature(getattr(self.target, method)).parameters
+            name = next(iter(params), None)
+            if name not in kwargs:
+                raise TypeError(f"{method}() missing its inputs ({name!r})")
+            kwargs = dict(kwargs)
+            args = (kwargs.pop(name),)
         first, rest = args[0], tuple(args[1:])
         single = spec.is_single(first)
         items = [first] if single else spec.items(first)

@@ -68,6 +68,11 @@ def test_api_surface(model):
     assert asyncio.iscoroutinefunction(Embedder.aencode)
     with pytest.raises(ValueError, match="not a batched method"):
         model.submit("dim", ["x"])
+    model.start_batcher(max_wait_ms=1)
+    by_name = model.submit("encode", sentences=["by name"], max_length=8).result(timeout=30)
+    np.testing.assert_allclose(by_name, model.encode(["by name"], max_length=8), atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match="missing its inputs"):
+        model.submit("encode", max_length=8)
 
 
 def test_concurrent_callers_equal_encoding_alone(model):
