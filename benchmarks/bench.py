@@ -934,7 +934,6 @@ def plots(result: dict[str, Any], stem: str) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401  (for the tick formatter)
 
     sets = [s for s in result["inputs"] if s != "edge"]
     names = [v["name"] for v in result["variants"]]
@@ -945,11 +944,14 @@ def plots(result: dict[str, Any], stem: str) -> list[str]:
                           key=lambda r: r["batch_size"])
             ax.plot([r["batch_size"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=name,
                     linestyle="--" if name == names[0] else "-")
+        rf = result["roofline"]
+        if "gemm_peak" in rf:  # tokens/s a variant would reach at the fp32 GEMM peak
+            ax.axhline(rf["gemm_peak"]["gflops"] * 1e3 / rf["mflops_per_token"][s], color="grey", linestyle=":",
+                       label="fp32 GEMM peak")
         info = result["inputs"][s]
-        ax.set(title=f"{s} (~{info['mean_tokens']:.0f} tokens)", xlabel="batch size", xscale="log", yscale="log")
+        ax.set(title=f"{s} (~{info['mean_tokens']:.0f} tokens)", xlabel="batch size", xscale="log", ylim=(0, None))
         ax.minorticks_off()
         ax.set_xticks(result["settings"]["batch_sizes"], [str(b) for b in result["settings"]["batch_sizes"]])
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("tokens/s (end to end)")
     axes[0][-1].legend(fontsize=8)
