@@ -614,6 +614,7 @@ class Run:
 
         self.t0 = time.perf_counter()
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.load_start = os.getloadavg()
         manifest = read_manifest(artifact)
         threads = threads or len(os.sched_getaffinity(0))
         self.ctx = Context(os.path.abspath(artifact), resolve_source(manifest, reference_model), reference,
@@ -771,6 +772,8 @@ class Run:
             "throughput": self.throughput, "latency": self.latency, "memory": self.memory,
             "roofline": self.roofline, "settings": self.settings, "timings_s": self.timings,
             "machine": machine_info(), "command": command_line(), "started": self.started,
+            "load_average": {"start": [round(x, 2) for x in self.load_start],
+                             "end": [round(x, 2) for x in os.getloadavg()], "note": "1, 5, 15 minutes"},
             "wall_s": round(time.perf_counter() - self.t0, 1),
         }
 
@@ -920,8 +923,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "Peak RSS: a fresh process per variant imports its runtime, loads the model and encodes the "
                       "mixed set once; (model) is the growth after the imports. The reference's process also "
                       "imports bgert.runtime for the artifact's settings."]
-    lines += ["", f"Machine: {describe(result['machine'])}. Other processes shared the machine: compare variants "
-                  "within one run (ratios), not across runs.", "",
+    load = result.get("load_average", {})
+    lines += ["", f"Machine: {describe(result['machine'])}. Load average (1 min) {load.get('start', ['?'])[0]} at the "
+                  f"start, {load.get('end', ['?'])[0]} at the end, on {result['settings']['threads']} threads: other "
+                  "processes shared the machine, so compare variants within one run (ratios), not across runs.", "",
               f"Command: `{result['command']}`", "", f"Started {result['started']}, wall {result['wall_s']} s."]
     if result["failures"]:
         lines += ["", "**Gates missed:** " + "; ".join(result["failures"])]
