@@ -7,8 +7,10 @@ becomes token ids and how graph outputs become the user's result.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import platform
 import threading
 from typing import Any, ClassVar, Iterator, Sequence
 
@@ -25,8 +27,42 @@ from .tokenize import TextTokenizer
 
 log = logging.getLogger("bgert")
 
-#: default precision preference when the caller names none, by provider
-CPU_PREFERENCE = ("int8", "fp32", "int8-static", "fp16")
+#: x86 CPU flags whose int8 dot products (u8×s8) accumulate without saturating
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_int8_dot_exact() -> bool:
+    """Whether this CPU's int8 GEMMs are exact: x86 with VNNI/AMX, or ARM64. On AVX2-only x86, u8×s8
+    products saturate in 16 bits, so full-range int8 weights lose accuracy (the ``int8-vnni`` graph
+    is then not chosen). BGERT_INT8_DOT=exact|saturating overrides the detection."""
+    forced = os.environ.get("BGERT_INT8_DOT", "").lower()
+    if forced in ("exact", "saturating"):
+        return forced == "exact"
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    return bool(cpu_flags() & set(INT8_DOT_FLAGS))
+
+
+def graph_runs_well_here(g: Graph) -> bool:
+    """False for graphs that need CPU flags this CPU lacks (``requires_cpu_flags`` in the manifest)."""
+    return not g.extra.get("requires_cpu_flags") or cpu_int8_dot_exact()
+
+
+#: default precision preference when the caller names none, by provider (int8-vnni only where exact)
+CPU_PREFERENCE = (("int8-vnni",) if cpu_int8_dot_exact() else ()) + ("int8", "fp32", "int8-static", "fp16")
 GPU_PREFERENCE = ("fp16", "fp32", "int8-static", "int8")
 
 
@@ -109,9 +145,12 @@ class BgeModel(BatchedAPI):
             if not all(g.gate_passed for g in graphs if g.precision == precision):
                 log.warning("bgert: precision %s missed its quality gate at export (see `bgert info`); "
                             "using it because it was asked for.", precision)
+            if not self._on_gpu() and not all(graph_runs_well_here(g) for g in graphs if g.precision == precision):
+                log.warning("bgert: precision %s needs int8 dot products without saturation (VNNI/AMX); this CPU "
+                            "lacks them and its results will be less accurate. Use precision='int8'.", precision)
             return precision
-        prefs = GPU_PREFERENCE if self._on_gpu() else CPU_PREFERENCE
-        passed = {g.precision for g in graphs if g.gate_passed}
+        prefs = GPU_PREFERENCE if self._on_gpu() else ("int8-vnni", *CPU_PREFERENCE)  # filtered just below
+        passed = {g.precision for g in graphs if g.gate_passed and (self._on_gpu() or graph_runs_well_here(g))}
         for p in prefs:
             if p in passed:
                 return p

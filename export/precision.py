@@ -1,0 +1,449 @@
+"""Precision variants of an exported artifact (fp16, int8 dynamic, int8 static QDQ), each with a measured
+quality gate.
+
+``add_variant`` is called by the exporter once per requested precision after the fp32 graphs passed
+their parity gate. For every fp32 graph (one, or one per layerwise cutoff) it writes the variant graph
+beside it, measures it and records the result in the manifest entry of the graph:
+
+- ``fp16``: ORT's transformer optimizer with the family's model type, then float16 with fp32 inputs and
+  outputs; norm statistics (Pow, ReduceMean, Sqrt), reductions and Softmax stay fp32.
+- ``int8``: dynamic quantization for CPUs, per-channel signed weights, smoothed activations and the most
+  sensitive nodes in fp32 (bgert.export.quantize). Two graphs: ``int8`` with 7-bit weights
+  (reduce_range), which holds its gate on every CPU, and ``int8-vnni`` with full-range weights, which is
+  better but saturates in u8×s8 products on CPUs without VNNI: the runtime picks it only on VNNI CPUs.
+- ``int8-static``: QDQ with activation ranges calibrated on real text (TensorRT's form, also run by the
+  CPU provider); MatMul outputs stay float.
+
+Quality is measured on held-out text (SciFact sample documents and queries shipped with bgert, and the
+parity texts) against the fp32 graph, output by output: cosine (mean, min) for vectors, Spearman
+correlation and top-k agreement for scores. int8 graphs are measured twice: as this CPU runs them and
+with exact integer arithmetic (what a VNNI / AMX / ARM-dot CPU computes), and the gate must hold for
+both. The family's own parity against PyTorch (``spec.parity``) is recorded too. A variant that misses
+its gate fails the export (ExportError) unless ``keep_failed``; a kept one is marked failed and never
+chosen by default.
+
+Options (``bgert.export.export(..., **options)``): ``keep_failed``, ``gates`` ({precision: {metric:
+value}}), ``calibration`` (a .jsonl with text/title fields or a .txt with one text per line),
+``calibration_size``, ``quality_size``, ``calibration_method`` ("minmax" or "percentile"),
+``calibration_percentile``, ``int8_smooth`` ("auto", an alpha, or None), ``int8_fp32_nodes`` (fraction
+or count of quantizable nodes kept fp32), ``int8_isa_variant`` (write int8-vnni, default True),
+``static_activations`` ("uint8", or "int8" symmetric for TensorRT).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from bgert.runtime.base import cpu_int8_dot_exact
+from bgert.runtime.batching import pad, plan_batches
+from bgert.runtime.manifest import write_manifest
+
+from . import quantize as q
+from .exporter import ExportError, _list_files
+from .parity import PARITY_PAIRS, PARITY_TEXTS, score_stats
+
+log = logging.getLogger("bgert.export")
+
+VARIANTS = ("fp16", "int8", "int8-static")
+VNNI = "int8-vnni"
+#: default gates; a metric applies wherever the measured quality reports it
+DEFAULT_GATES: dict[str, dict[str, float]] = {
+    "fp16": {"cos_mean": 0.9999, "cos_min": 0.999, "spearman": 0.995},
+    "int8": {"cos_mean": 0.99, "cos_min": 0.97, "spearman": 0.98},
+    VNNI: {"cos_mean": 0.99, "cos_min": 0.97, "spearman": 0.98},
+    "int8-static": {"cos_mean": 0.99, "cos_min": 0.97, "spearman": 0.98},
+}
+GATE_METRICS = ("cos_mean", "cos_min", "spearman")
+#: ops float16 conversion leaves in fp32 (besides ORT's own list): norm statistics, reductions, softmax
+FP16_KEEP_FP32 = ("Pow", "ReduceMean", "ReduceSum", "ReduceL2", "Sqrt", "Softmax")
+#: x86 flags with non-saturating u8×s8 dot products; graphs needing them carry this list
+VNNI_FLAGS = ["avx512_vnni", "avx_vnni", "amx_int8"]
+RERANKER_KINDS = ("reranker", "llm_reranker", "layerwise_reranker", "lightweight_reranker")
+STANDARD_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+BUNDLED_DOCS, BUNDLED_QUERIES = "scifact_sample.jsonl", "scifact_queries_sample.jsonl"
+HELD_OUT_START = 100  # bundled documents [0, 100) calibrate, [100, 200) are held out
+#: degenerate inputs every calibration set includes: static ranges must cover a sequence of specials only
+SHORT_CALIBRATION = ["", "ok", "see above"]
+
+
+@dataclass
+class Settings:
+    """The options this module reads, with defaults."""
+
+    keep_failed: bool = False
+    gates: dict[str, dict[str, float]] | None = None
+    calibration: str | None = None
+    calibration_size: int = 32
+    quality_size: int = 16
+    calibration_method: str = "minmax"
+    calibration_percentile: float = 99.99
+    int8_smooth: str | float | None = "auto"
+    int8_fp32_nodes: float = 0.125
+    int8_isa_variant: bool = True
+    static_activations: str = "uint8"
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "Settings":
+        s = cls(**{k: options[k] for k in cls.__dataclass_fields__ if options.get(k) is not None})
+        if s.calibration_method not in ("minmax", "percentile"):
+            raise ExportError(f"calibration_method must be 'minmax' or 'percentile', got {s.calibration_method!r}")
+        if s.static_activations not in ("uint8", "int8"):
+            raise ExportError(f"static_activations must be 'uint8' or 'int8', got {s.static_activations!r}")
+        if s.calibration is not None and not os.path.isfile(s.calibration):
+            raise ExportError(f"calibration file {s.calibration!r} not found (a .jsonl with 'text' fields or a "
+                              ".txt with one text per line)")
+        unknown = set(s.gates or {}) - set(DEFAULT_GATES)
+        if unknown:
+            raise ExportError(f"gates given for unknown precision(s) {sorted(unknown)}; known: {list(DEFAULT_GATES)}")
+        return s
+
+    def gate(self, precision: str) -> dict[str, float]:
+        g = dict(DEFAULT_GATES[precision])
+        g.update((self.gates or {}).get(precision, {}))
+        if precision == VNNI and self.gates and "int8" in self.gates and VNNI not in self.gates:
+            g.update(self.gates["int8"])  # a gate given for int8 holds for both int8 graphs
+        return g
+
+
+# ---- text --------------------------------------------------------------------------------------
+def read_texts(path: str) -> list[str]:
+    """Texts from a .jsonl (``title`` + ``text`` fields, or ``text``) or a plain file (one per line)."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    if path.endswith(".jsonl"):
+        out = []
+        for i, line in enumerate(lines):
+            try:
+                d = json.loads(line)
+            except ValueError as e:
+                raise ExportError(f"{path}:{i + 1} is not JSON ({e})") from e
+            out.append((str(d.get("title") or "") + " " + str(d.get("text") or "")).strip())
+        return [t for t in out if t]
+    return lines
+
+
+def _bundled(name: str) -> list[str]:
+    from importlib.resources import as_file, files
+
+    with as_file(files("bgert.benchmarks") / "data" / name) as p:
+        return read_texts(str(p))
+
+
+def text_sets(s: Settings, kind: str) -> tuple[list[Any], list[Any]]:
+    """(calibration, held-out) inputs: texts, or (query, passage) pairs for rerankers."""
+    docs, queries = _bundled(BUNDLED_DOCS), _bundled(BUNDLED_QUERIES)
+    half = len(queries) // 2
+    calib = (read_texts(s.calibration) if s.calibration else docs[:HELD_OUT_START])[:s.calibration_size]
+    calib = SHORT_CALIBRATION + calib
+    calib_q, held_q = queries[:half], queries[half:]
+    held = docs[HELD_OUT_START:HELD_OUT_START + s.quality_size]
+    if kind in RERANKER_KINDS:
+        pair = lambda qs, ds: [(qs[i % len(qs)], d) for i, d in enumerate(ds)]  # noqa: E731
+        return pair(calib_q, calib), pair(held_q, held) + pair(held_q[::-1], held[:len(held_q)]) + PARITY_PAIRS
+    return calib + calib_q, held + held_q + PARITY_TEXTS
+
+
+def token_ids(hf_tok: Any, items: Sequence[Any], max_length: int) -> list[list[int]]:
+    """Token ids of texts or pairs, truncated like the family's tokenizer does by default."""
+    if items and isinstance(items[0], tuple):
+        enc = hf_tok([a for a, _ in items], [b for _, b in items], truncation=True, max_length=max_length)
+    else:
+        enc = hf_tok(list(items), truncation=True, max_length=max_length)
+    return [list(x) for x in enc["input_ids"]]
+
+
+def feeds(seqs: Sequence[Sequence[int]], input_names: Sequence[str], pad_id: int, side: str,
+          budget: int = 8192) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """Length-sorted padded batches as graph feeds (standard encoder/decoder inputs only)."""
+    for b in plan_batches([len(x) for x in seqs], [], budget, 32):
+        ids, mask = pad([seqs[i] for i in b.indices], b.length, pad_id, side)
+        f = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in input_names:
+            f["token_type_ids"] = np.zeros_like(ids)
+        if "position_ids" in input_names:
+            f["position_ids"] = np.maximum(np.cumsum(mask, 1) - 1, 0)
+        yield f, mask
+
+
+# ---- sessions and comparison -------------------------------------------------------------------
+def _session(path: str, exact: bool = False) -> Any:
+    """A CPU session; ``exact`` turns graph optimisations off so fake-quant nodes run as written."""
+    import onnxruntime as ort
+
+    from bgert.runtime.backends import session_options
+
+    so = session_options(graph_optimization_level="disable" if exact else "all")
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def graph_outputs(path: str, batches: Sequence[dict[str, np.ndarray]], exact: bool = False) -> dict[str, list]:
+    sess = _session(path, exact)
+    names = [o.name for o in sess.get_outputs()]
+    inputs = {i.name for i in sess.get_inputs()}
+    out: dict[str, list] = {n: [] for n in names}
+    for f in batches:
+        for n, v in zip(names, sess.run(names, {k: v for k, v in f.items() if k in inputs})):
+            out[n].append(np.asarray(v, dtype=np.float32))
+    return out
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-24)
+
+
+def compare(ref: dict[str, list], got: dict[str, list], scores: bool) -> dict[str, Any]:
+    """Per output: cosine stats of its vectors, or score stats (Spearman, top-k) of each score column."""
+    result: dict[str, Any] = {}
+    for name, chunks in ref.items():
+        r_list, g_list = chunks, got[name]
+        if scores:
+            r = np.concatenate([c.reshape(c.shape[0], -1) for c in r_list])
+            g = np.concatenate([c.reshape(c.shape[0], -1) for c in g_list])
+            cols = [score_stats(r[:, j], g[:, j], k=5) for j in range(r.shape[1])]
+            result[name] = cols[0] if len(cols) == 1 else {
+                "spearman": min(c["spearman"] for c in cols), "max_abs_diff": max(c["max_abs_diff"] for c in cols),
+                "top5_agreement": min(c["top5_agreement"] for c in cols), "n": cols[0]["n"],
+                "columns": cols}
+            continue
+        cos, diff = [], 0.0
+        for rc, gc in zip(r_list, g_list):  # batch by batch: per-token outputs differ in length
+            r = rc.reshape(-1, rc.shape[-1]) if rc.ndim > 2 else rc.reshape(rc.shape[0], -1)
+            g = gc.reshape(r.shape)
+            keep = np.linalg.norm(r, axis=-1) > 1e-6  # padded rows and empty sequences carry nothing
+            if keep.any():
+                cos.append(row_cosines(r[keep], g[keep]))
+                diff = max(diff, float(np.abs(r - g).max()))
+        c = np.concatenate(cos) if cos else np.ones(0)
+        result[name] = {"cos_mean": float(c.mean()), "cos_min": float(c.min()), "cos_p01": float(np.percentile(c, 1)),
+                        "max_abs_diff": diff, "n": int(c.size)} if c.size else {"n": 0}
+    return result
+
+
+def summarize(sections: dict[str, Any]) -> dict[str, float]:
+    """Worst value of every gate metric over all checks and outputs (what `bgert info` shows)."""
+    worst: dict[str, float] = {}
+
+    def walk(d: Any) -> None:
+        if isinstance(d, dict):
+            for k, v in d.items():
+                if k in GATE_METRICS and isinstance(v, (int, float)):
+                    worst[k] = min(worst.get(k, float("inf")), float(v))
+                else:
+                    walk(v)
+        elif isinstance(d, list):
+            for v in d:
+                walk(v)
+
+    walk(sections)
+    return worst
+
+
+def gate_failures(summary: dict[str, float], gate: dict[str, float]) -> list[str]:
+    return [f"{k} {summary[k]:.6f} < {v}" for k, v in gate.items() if k in summary and summary[k] < v]
+
+
+# ---- variant builders --------------------------------------------------------------------------
+def variant_file(fp32_file: str, precision: str) -> str:
+    root, ext = os.path.splitext(fp32_file)
+    return f"{root}.{precision}{ext}"
+
+
+def make_fp16(src: str, dst: str, model_type: str | None) -> None:
+    """Fusions for ``model_type`` (when ORT has them), then float16 with fp32 I/O and FP16_KEEP_FP32 in fp32."""
+    import onnx
+    from onnxruntime.transformers import float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = optimize_model(src, model_type=model_type, opt_level=0) if model_type else OnnxModel(onnx.load(src))
+        block = list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32)
+        model.convert_float_to_float16(keep_io_types=True, op_block_list=block)
+    q.save(model.model, dst)
+
+
+def _int8_source(tmp_dir: str, graph: dict[str, Any], hf_tok: Any, raw: dict[str, Any],
+                 calib: Sequence[Any]) -> tuple[Any, list[q.Target], Any]:
+    """The fp32 graph, its quantizable nodes and a factory of calibration feeds."""
+    path = os.path.join(tmp_dir, graph["file"])
+    model = q.load(path)
+    tgts = q.targets(model)
+    if not tgts:
+        raise ExportError(f"{graph['file']} has no MatMul with a constant weight to quantize")
+    names = [i.name for i in _session(path).get_inputs()]
+    if not set(names) <= set(STANDARD_INPUTS):
+        raise ExportError(f"{graph['file']} takes inputs {names}; int8 calibration feeds only "
+                          f"{', '.join(STANDARD_INPUTS)}")
+    seqs = token_ids(hf_tok, calib, raw["max_length"])
+    return model, tgts, lambda: feeds(seqs, names, *_pad(raw))
+
+
+def _pad(raw: dict[str, Any]) -> tuple[int, str]:
+    tok = raw.get("tokenizer", {})
+    return int(tok.get("pad_token_id") or 0), str(raw.get("padding_side") or tok.get("padding_side") or "right")
+
+
+def _cached(spec: Any, key: tuple, make: Any) -> Any:
+    """A value computed once per export (fp32 statistics and outputs shared by every variant)."""
+    cache = spec.__dict__.setdefault("_precision_cache", {})
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
+def _copy_model(model: Any) -> Any:
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+# ---- the exporter's hook -----------------------------------------------------------------------
+def add_variant(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tokenizer: Any, precision: str,
+                options: dict[str, Any]) -> None:
+    """Write the ``precision`` variant of every fp32 graph into ``tmp_dir``, measure and gate it, and
+    append its entries to ``raw['graphs']`` (quality, gate_passed, the fp32 graph's extra fields)."""
+    if precision not in VARIANTS:
+        raise ExportError(f"unknown precision {precision!r}; choose from fp32, {', '.join(VARIANTS)}")
+    s = Settings.from_options(options)
+    sources = [g for g in raw["graphs"] if g["precision"] == "fp32"]
+    calib, held = text_sets(s, raw["kind"])
+    work = tempfile.mkdtemp(prefix=f".{os.path.basename(tmp_dir)}.{precision}-", dir=os.path.dirname(tmp_dir))
+    try:
+        made: dict[str, list[tuple[dict[str, Any], dict[str, Any], str | None]]] = {}
+        t0 = time.perf_counter()
+        for g in sources:
+            for p, entry, exact in _build(tmp_dir, g, work, spec, hf_tokenizer, raw, precision, calib, s):
+                made.setdefault(p, []).append((g, entry, exact))
+        log.info("export: %s graph(s) built in %.1fs", precision, time.perf_counter() - t0)
+        failures = []
+        for p, items in made.items():
+            t0 = time.perf_counter()
+            raw["graphs"].extend(e for _, e, _ in items)
+            raw["files"] = _list_files(tmp_dir)
+            write_manifest(tmp_dir, raw)  # the runtime can now load the variant for spec.parity
+            failures += _measure(tmp_dir, raw, spec, hf_tokenizer, p, items, held, s)
+            log.info("export: %s measured in %.1fs: %s", p, time.perf_counter() - t0,
+                     ", ".join(f"{k} {v:.5f}" for k, v in items[0][1]["quality"].items() if k in GATE_METRICS))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if failures and not s.keep_failed:
+        raise ExportError("precision variant(s) missed their quality gate:\n  " + "\n  ".join(failures) +
+                          "\nKeep them marked failed with --keep-failed (keep_failed=True), or set other gates "
+                          "(gates={precision: {metric: value}}).")
+    for f in failures:
+        log.warning("kept (marked failed, never chosen by default): %s", f)
+
+
+def _build(tmp_dir: str, g: dict[str, Any], work: str, spec: Any, hf_tok: Any, raw: dict[str, Any],
+           precision: str, calib: Sequence[Any], s: Settings) -> list[tuple[str, dict[str, Any], str | None]]:
+    """Make the variant graph(s) of fp32 graph ``g``: [(precision, manifest entry, exact-arithmetic graph)]."""
+    base = {k: v for k, v in g.items() if k not in ("file", "precision", "quality", "gate_passed")}
+    src = os.path.join(tmp_dir, g["file"])
+    if precision == "fp16":
+        dst = variant_file(g["file"], "fp16")
+        make_fp16(src, os.path.join(tmp_dir, dst), spec.optimizer_model_type)
+        return [("fp16", {"file": dst, "precision": "fp16", **base,
+                          "recipe": {"fusions": spec.optimizer_model_type, "io": "float32",
+                                     "kept_fp32_ops": list(FP16_KEEP_FP32)}}, None)]
+    static = precision == "int8-static"
+    model, tgts, calib_feeds = _int8_source(tmp_dir, g, hf_tok, raw, calib)
+    stats = _cached(spec, ("stats", g["file"]), lambda: q.activation_stats(src, tgts, calib_feeds()))
+    out = []
+    flavours = [("int8-static", True)] if static else [("int8", True)] + ([(VNNI, False)] if s.int8_isa_variant else [])
+    for p, reduce_range in flavours:
+        qmax = q.QMAX_REDUCED if reduce_range else q.QMAX_FULL
+        chosen = q.plan(model, tgts, stats, qmax, s.int8_smooth, s.int8_fp32_nodes)
+        pre_model = q.apply_smoothing(_copy_model(model), tgts, chosen.smooth)
+        pre = q.save(pre_model, os.path.join(work, f"{p}-{os.path.basename(g['file'])}"))
+        dst = variant_file(g["file"], p)
+        recipe: dict[str, Any] = {"weights": "int8 per-channel symmetric" + (", 7-bit (reduce_range)" if reduce_range
+                                                                           else ", full range"),
+                                  "calibration_texts": len(calib), **chosen.summary()}
+        if static:
+            smoothed = q.targets(pre_model)  # the same nodes, reading the smoothed activations
+            pre_stats = q.activation_stats(pre, smoothed, calib_feeds(),
+                                           keep_values=s.calibration_method == "percentile")
+            ranges = q.activation_ranges(pre_stats, {t.act for t in smoothed}, s.calibration_method,
+                                         s.calibration_percentile)
+            q.quantize_static(pre_model, os.path.join(tmp_dir, dst), smoothed, chosen.excluded, ranges, reduce_range,
+                              s.static_activations == "int8")
+            recipe.update(format="QDQ", activations=s.static_activations + " per tensor, calibrated",
+                          calibration_method=s.calibration_method, matmul_outputs="float")
+            exact = os.path.join(tmp_dir, dst)  # a QDQ graph run without fusions is exact arithmetic
+        else:
+            q.quantize_dynamic(pre, os.path.join(tmp_dir, dst), tgts, chosen.excluded, reduce_range)
+            recipe.update(activations="uint8 per tensor, dynamic")
+            emu = q.exact_int8_graph(q.load(pre), q.load(os.path.join(tmp_dir, dst)), tgts)
+            exact = q.save(emu, os.path.join(work, f"{p}-exact-{os.path.basename(g['file'])}")) if emu else None
+        entry = {"file": dst, "precision": p, **base, "recipe": recipe}
+        if not reduce_range:
+            entry["requires_cpu_flags"] = VNNI_FLAGS
+        out.append((p, entry, exact))
+    return out
+
+
+def _measure(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tok: Any, precision: str,
+             items: list[tuple[dict[str, Any], dict[str, Any], str | None]], held: Sequence[Any],
+             s: Settings) -> list[str]:
+    """Fill quality and gate_passed of each new entry; return the gate failures."""
+    scores = raw["kind"] in RERANKER_KINDS
+    host_exact = cpu_int8_dot_exact()
+    vs_torch = None
+    if not (precision == VNNI and not host_exact):  # the runtime would run it saturated here
+        try:
+            vs_torch = spec.parity(tmp_dir, hf_tok, precision)
+        except Exception as e:  # recorded, the gate below decides
+            vs_torch = {"error": f"{type(e).__name__}: {e}"}
+    seqs = token_ids(hf_tok, held, raw["max_length"])
+    failures = []
+    for g, entry, exact in items:
+        sections: dict[str, Any] = {}
+        names = [i.name for i in _session(os.path.join(tmp_dir, g["file"])).get_inputs()]
+        if set(names) <= set(STANDARD_INPUTS):
+            batches = [f for f, _ in feeds(seqs, names, *_pad(raw))]
+            ref = _cached(spec, ("fp32 outputs", g["file"]),
+                          lambda: graph_outputs(os.path.join(tmp_dir, g["file"]), batches))
+            if not (precision == VNNI and not host_exact):
+                try:
+                    sections["vs_fp32"] = compare(ref, graph_outputs(os.path.join(tmp_dir, entry["file"]), batches),
+                                                  scores)
+                except Exception as e:  # e.g. an op without a CPU kernel for this type
+                    sections["vs_fp32"] = {"error": f"{type(e).__name__}: {e}"}
+            if exact:
+                sections["vs_fp32_exact_int8"] = compare(ref, graph_outputs(exact, batches, exact=True), scores)
+            sections["held_out"] = {"texts" if not scores else "pairs": len(seqs),
+                                    "source": "bundled SciFact sample (documents 100+, queries) + parity texts"}
+        if vs_torch is not None:
+            sections["vs_torch"] = vs_torch
+        summary = summarize({k: v for k, v in sections.items() if k != "vs_torch"} or sections)
+        errors = [f"{k}: {v['error']}" for k, v in sections.items() if isinstance(v, dict) and "error" in v]
+        gate = s.gate(precision)
+        missed = gate_failures(summary, gate) + errors + ([] if summary else ["no quality could be measured"])
+        entry["quality"] = {**summary, "gate": gate, "measured_on": _host(host_exact), **sections}
+        entry["gate_passed"] = not missed
+        raw.setdefault("parity", {})[precision if len(items) == 1 else f"{precision}:{entry['file']}"] = summary
+        if missed:
+            failures.append(f"{precision} ({entry['file']}): " + "; ".join(missed))
+    return failures
+
+
+def _host(exact: bool) -> str:
+    from bgert.runtime.base import cpu_flags
+
+    flags = cpu_flags()
+    simd = [f for f in ("avx2", "avx512f", *VNNI_FLAGS) if f in flags]
+    return f"{'+'.join(simd) or 'cpu'} ({'non-saturating' if exact else 'saturating'} u8xs8 int8 dot products)"
