@@ -17,9 +17,9 @@ weights" is that peak minus the RSS just before the call. Cases:
   * bgert, padded: 8191 tokens padded to the 8192 bucket with the unpadded policy off
     (max_padded_length=8192), i.e. the masked O(L²) kernel every plain fused graph uses;
   * BGEM3FlagModel (use_fp16=False, CPU; transformers' SDPA attention).
-Throughput: tokens/s for texts of exactly L tokens (all three outputs, max_length 8192), the two
-engines alternating in one process, best of --repeats; at the longest length the figure is the
-memory run's own time (one text, one run). Default threads on both sides.
+Throughput and parity: texts of exactly L tokens (--tokens per run, at least one text; all three
+outputs, max_length 8192), the two engines alternating in one process, best of --repeats; the
+outputs of the two are compared (dense cosine, lexical and ColBERT max |diff|). Default threads.
 Results: benchmarks/results/m3_memory.{json,md}.
 """
 from __future__ import annotations
@@ -93,19 +93,6 @@ def parity(ref: dict, got: dict) -> dict:
             "colbert_same_shapes": shapes, "colbert_max_abs_diff": col}
 
 
-def _save(path: str, out: dict) -> None:
-    """One text's outputs as .npz (so two processes' results can be compared)."""
-    lw = out["lexical_weights"][0]
-    np.savez(path, dense=out["dense_vecs"], colbert=out["colbert_vecs"][0],
-             lex_ids=np.array(list(lw), dtype=np.int64), lex_w=np.array(list(lw.values()), dtype=np.float32))
-
-
-def _load(path: str) -> dict:
-    z = np.load(path)
-    return {"dense_vecs": z["dense"], "colbert_vecs": [z["colbert"]],
-            "lexical_weights": [dict(zip(map(str, z["lex_ids"].tolist()), z["lex_w"].tolist()))]}
-
-
 def _status(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -140,7 +127,6 @@ def child_memory(engine: str, ckpt: str, art: str, n_tokens: int, max_padded_len
     out = run(texts_of(n_tokens, 1))
     seconds = time.perf_counter() - t0
     peak = _status("VmHWM")
-    _save(os.path.join(os.path.dirname(art), f"out-{engine}-{n_tokens}.npz"), out)
     return {"engine": engine, "n_tokens": n_tokens, "max_padded_length": max_padded_length,
             "rss_before_mb": before / 2**20, "peak_mb": peak / 2**20, "peak_above_mb": (peak - before) / 2**20,
             "seconds": seconds, "tokens_per_s": n_tokens / seconds,
@@ -259,27 +245,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_padded:
         memory.append(_spawn("memory", ckpt, art, "bgert", str(longest - 1), str(longest)))
     memory.append(_spawn("memory", ckpt, art, "flag", str(longest), "-"))
-    print(f"throughput at {lengths[:-1]} tokens…", file=sys.stderr)
-    raw = _spawn("throughput", ckpt, art, ",".join(map(str, lengths[:-1])), str(args.tokens), str(args.repeats)) \
-        if len(lengths) > 1 else [{"threads": None}]
+    print(f"throughput at {lengths} tokens…", file=sys.stderr)
+    raw = _spawn("throughput", ckpt, art, ",".join(map(str, lengths)), str(args.tokens), str(args.repeats))
     per = {(r["engine"], r["length"]): r for r in raw[:-1]}
-    for m in memory:  # the longest length: each engine's memory run (one text, one run)
-        if m["max_padded_length"] is None:
-            key = "bgert" if m["engine"] == "bgert" else "BGEM3FlagModel"
-            per[(key, longest)] = {"texts": 1, "tokens_per_s": m["tokens_per_s"]}
     throughput = [{"length": n, "texts": per[("bgert", n)]["texts"], "bgert": per[("bgert", n)]["tokens_per_s"],
                    "BGEM3FlagModel": per[("BGEM3FlagModel", n)]["tokens_per_s"],
                    "ratio": per[("bgert", n)]["tokens_per_s"] / per[("BGEM3FlagModel", n)]["tokens_per_s"]}
                   for n in lengths]
     checks = [{"length": r["length"], "texts": r["texts"], **r["parity"]} for r in raw[:-1] if "parity" in r]
-    ref, got = (_load(os.path.join(work, f"out-{e}-{longest}.npz")) for e in ("flag", "bgert"))
-    checks.append({"length": longest, "texts": 1, **parity(ref, got)})
     result = {
         "command": command_line(), "machine": machine_info(), "shape": SHAPE, "vocab": VOCAB,
         "weights_mb": os.path.getsize(os.path.join(art, "model.onnx")) / 2**20,
         "memory": memory, "throughput": throughput, "parity": checks, "threads": raw[-1]["threads"],
-        "note": ("Timings on a shared 2-core machine are noisy: compare the ratios, taken back to back. The "
-                 f"{longest}-token throughput comes from the memory runs (separate processes, one run each)."),
+        "note": ("Timings on a shared 2-core machine are noisy: compare the throughput ratios, taken back to back "
+                 "in one process. The memory runs' seconds come from separate processes at different times."),
     }
     write_results(result, args.out)
     print(open(os.path.join(args.out, "m3_memory.md"), encoding="utf-8").read())
