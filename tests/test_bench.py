@@ -136,9 +136,9 @@ def test_eval_cli_on_tiny_beir_with_reranker(tiny_mean_art, cross_art, beir_dir,
     assert "nDCG@10" in js.with_suffix(".md").read_text()
 
 
-def test_bench_cli_writes_report_plots_and_memory(tiny_mean_art, tmp_path):
+def test_bench_cli_writes_report_and_plots(tiny_mean_art, tmp_path):
     rc = main(["bench", tiny_mean_art, "--texts", "2", "--batch-sizes", "1,2", "--repeats", "1",
-               "--latency-calls", "3", "--out", str(tmp_path)])
+               "--latency-calls", "3", "--no-memory", "--out", str(tmp_path)])
     assert rc == 0
     stem = tmp_path / "bench_tiny-mean"
     result = json.loads(stem.with_suffix(".json").read_text())
@@ -148,13 +148,25 @@ def test_bench_cli_writes_report_plots_and_memory(tiny_mean_art, tmp_path):
     assert all(r["texts_per_s"] > 0 and 0 < r["roofline"] for r in result["throughput"])
     assert {s: result["inputs"][s]["n"] for s in ("short", "mixed", "long")} == {"short": 8, "mixed": 2, "long": 1}
     assert result["inputs"]["long"]["mean_tokens"] == result["max_length"]  # truncated at max length
-    assert set(result["latency"]) == set(result["memory"]) == {"PyTorch fp32", "bgert ort fp32"}
-    mem = result["memory"]
-    assert mem["PyTorch fp32"]["peak_rss_mb"] > mem["bgert ort fp32"]["peak_rss_mb"] > 0  # torch is not imported
+    assert set(result["latency"]) == {"PyTorch fp32", "bgert ort fp32"} and not result["memory"]
     assert result["roofline"]["gemm_peak"]["gflops"] > 0 and not result["failures"]
     for suffix in (".md", "_throughput.png", "_speed_quality.png"):
         assert os.path.getsize(f"{stem}{suffix}") > 0
     print(f"\nbench tiny-mean: wall {result['wall_s']}s, timings {result['timings_s']}")
+
+
+def test_bench_a_reranker_with_memory_probes(cross_art, tmp_path):
+    """Pairs in, scores out: the reranker family through every pass (pairs travel to the probes as JSON)."""
+    rc = main(["bench", cross_art, "--texts", "1", "--batch-sizes", "2", "--repeats", "1", "--latency-calls", "2",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "bench_art.json").read_text())
+    assert result["kind"] == "reranker" and result["reference"]["class"].startswith("FlagEmbedding FlagReranker")
+    assert result["gates"]["bgert ort fp32"][0]["metric"] == "max_abs_diff"
+    assert all(r["tokens_per_s"] > 0 for r in result["throughput"]) and len(result["throughput"]) == 3 * 2
+    mem = result["memory"]
+    assert mem["PyTorch fp32"]["after_imports_mb"] > mem["bgert ort fp32"]["after_imports_mb"] > 0  # no torch in ours
+    assert all(m["peak_rss_mb"] >= m["after_imports_mb"] for m in mem.values()), mem
 
 
 def test_bench_cli_fails_when_a_gate_is_missed(tiny_mean_art, tmp_path, capsys):
