@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import tiny_models
-from bgert.benchmarks.bench import flops_model, sequence_flops
+from bgert.benchmarks.bench import EmbedderFamily, RerankerFamily, flops_model, sequence_flops
 from bgert.benchmarks.eval import exact_search, load_beir, score_run
 from bgert.benchmarks.machine import command_line, machine_info
 from bgert.cli import main
@@ -41,6 +41,30 @@ def test_flops_of_a_gated_gqa_decoder_by_hand():
     # q 32x32, k and v 32x16 each, o 32x32, gate/up/down 3 x 32x64
     assert fm["linear_macs_per_token_per_layer"] == 1024 + 2 * 512 + 1024 + 3 * 2048 and fm["gated_mlp"]
     assert sequence_flops(fm, np.array([4]))[0] == 2 * 2 * (4 * 9216 + 2 * 16 * 32)
+
+
+def _family(cls, gate: dict) -> object:
+    from types import SimpleNamespace
+
+    from bgert.runtime.manifest import Manifest
+
+    graphs = [{"file": "model.onnx", "precision": "fp32"},
+              {"file": "model.int8.onnx", "precision": "int8", "quality": {"cos_min": 0.98, "gate": gate}}]
+    return cls(SimpleNamespace(manifest=Manifest("/nowhere", {"kind": "embedder", "graphs": graphs})))
+
+
+def test_gates_follow_the_gate_the_export_recorded():
+    fam = _family(EmbedderFamily, {"cos_mean": 0.99, "cos_min": 0.97, "spearman": 0.98})
+    ok = {"dense": {"cos_mean": 0.999999, "cos_min": 0.99999}}
+    assert [(g["metric"], g["threshold"], g["passed"]) for g in fam.gate(ok, "fp32", {})] == [("cos_min", 0.99999, True)]
+    got = fam.gate({"dense": {"cos_mean": 0.985, "cos_min": 0.98}}, "int8", {})
+    assert {g["metric"]: (g["threshold"], g["passed"]) for g in got} == {"cos_min": (0.97, True),
+                                                                          "cos_mean": (0.99, False)}
+    assert fam.gate({"dense": {"cos_mean": 0.995, "cos_min": 0.98}}, "int8", {"int8": 0.985})[0]["passed"] is False
+    rr = _family(RerankerFamily, {"spearman": 0.995})
+    assert rr.gate({"score": {"spearman": 0.99, "max_abs_diff": 0.5}}, "int8", {}) == [
+        {"output": "score", "metric": "spearman", "value": 0.99, "op": ">=", "threshold": 0.995, "passed": False}]
+    assert rr.gate({"score": {"spearman": 1.0, "max_abs_diff": 2e-3}}, "fp32", {})[0]["passed"] is False
 
 
 def test_exact_search_orders_by_cosine():
@@ -188,3 +212,11 @@ def test_machine_info_and_command_line():
     info = machine_info()
     assert info["cpu"]["usable_cores"] >= 1 and "numpy" in info["versions"]
     assert command_line(["/usr/bin/bgert", "bench", "a dir"]) == "bgert bench 'a dir'"
+
+
+def test_lightweight_artifact_is_refused_with_the_reason(capsys, tmp_path):
+    art = os.path.join(os.path.dirname(__file__), "data", "lightweight_artifact")
+    if not os.path.isdir(art):
+        pytest.skip("no stored lightweight artifact")
+    assert main(["bench", art, "--quick", "--out", str(tmp_path)]) == 1
+    assert "transformers <= 4.47" in capsys.readouterr().err
