@@ -42,7 +42,7 @@ def _quiet_root() -> Iterator[None]:
 #: SmoothQuant migration strengths tried per activation (None: no smoothing)
 ALPHAS: tuple[float | None, ...] = (None, 0.4, 0.55, 0.7, 0.85)
 #: rows of each activation kept for the numpy error estimates (fewer for very wide models)
-SAMPLE_ROWS = 512
+SAMPLE_ROWS = 256
 SAMPLE_BYTES = 256 * 2**20
 #: weight range of QInt8 per-channel symmetric weights: full, and reduce_range (7 bits)
 QMAX_FULL, QMAX_REDUCED = 127, 64

@@ -1,0 +1,174 @@
+"""Precision variants (fp16, int8, int8-vnni, int8-static): built, gated, measured, chosen.
+
+Quality is checked here independently of what the exporter recorded: the variant's vectors are
+compared with the fp32 graph's through the runtime, and the int8 graphs must really be integer graphs.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+import tiny_models
+from bgert.export import ExportError, export
+from bgert.export import precision as prec
+from bgert.runtime import Embedder, load
+
+ALL = ["fp16", "int8", "int8-static"]
+FAST = {"calibration_size": 8, "quality_size": 4}  # held-out: 4 documents + 25 queries + parity texts
+TEXTS = ["what is a panda?", "", "The giant panda is a bear species endemic to China. " * 8,
+         "北京是中华人民共和国的首都。", "BM25 ranks documents by term frequency."]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("precision"))
+
+
+@pytest.fixture(scope="module")
+def bge_all(root) -> str:
+    ckpt = tiny_models.build_bge(os.path.join(root, "ckpt"))
+    return export(ckpt, os.path.join(root, "bge-all"), progress=False, precisions=ALL, **FAST)
+
+
+@pytest.fixture(scope="module")
+def minilm_int8(minilm_dir, root) -> str:
+    return export(minilm_dir, os.path.join(root, "minilm"), progress=False, precisions=["int8"], **FAST)
+
+
+def manifest(art: str) -> dict:
+    with open(os.path.join(art, "manifest.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_every_variant_written_with_its_gate(bge_all):
+    graphs = {g["precision"]: g for g in manifest(bge_all)["graphs"]}
+    assert set(graphs) == {"fp32", "fp16", "int8", "int8-vnni", "int8-static"}
+    for p, g in graphs.items():
+        assert g["gate_passed"] is True, (p, g["quality"])
+        assert os.path.isfile(os.path.join(bge_all, g["file"]))
+        if p != "fp32":
+            q = g["quality"]
+            assert q["gate"] == prec.Settings().gate(p)
+            assert q["cos_mean"] >= q["gate"]["cos_mean"] and q["cos_min"] >= q["gate"]["cos_min"]
+    for p in ("int8", "int8-static"):  # measured as run here and as exact integer arithmetic (VNNI)
+        assert {"vs_fp32", "vs_fp32_exact_int8", "vs_torch"} <= set(graphs[p]["quality"])
+    assert graphs["int8-vnni"]["requires_cpu_flags"] and "vs_fp32_exact_int8" in graphs["int8-vnni"]["quality"]
+    assert graphs["int8"]["recipe"]["weights"].endswith("(reduce_range)")
+
+
+def test_graphs_are_what_they_claim(bge_all):
+    ops = lambda f: {n.op_type for n in onnx.load(os.path.join(bge_all, f)).graph.node}  # noqa: E731
+    assert {"MatMulInteger", "QAttention"} & ops("model.int8.onnx")
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops("model.int8-static.onnx")
+    fp16 = onnx.load(os.path.join(bge_all, "model.fp16.onnx"))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in fp16.graph.initializer)
+    assert fp16.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert fp16.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 I/O
+
+
+@pytest.mark.parametrize("precision,mean,low", [("fp16", 0.9999, 0.999), ("int8", 0.99, 0.97),
+                                                ("int8-vnni", 0.99, 0.97), ("int8-static", 0.99, 0.97)])
+def test_variant_quality_against_fp32(bge_all, precision, mean, low):
+    ref = Embedder(bge_all, precision="fp32").encode(TEXTS)
+    got = Embedder(bge_all, precision=precision).encode(TEXTS)
+    c = cos(ref, got)
+    assert c.mean() >= mean and c.min() >= low, c
+    if precision != "fp16":
+        assert c.min() < 0.999999, "int8 output identical to fp32: nothing was quantized"
+
+
+def test_default_precision_by_cpu(bge_all, monkeypatch):
+    monkeypatch.setenv("BGERT_INT8_DOT", "saturating")  # AVX2 without VNNI: 7-bit weights
+    assert Embedder(bge_all).precision == "int8"
+    monkeypatch.setenv("BGERT_INT8_DOT", "exact")  # VNNI / AMX / ARM: full-range weights
+    m = Embedder(bge_all)
+    assert m.precision == "int8-vnni" and m.graph().file == "model.int8-vnni.onnx"
+
+
+def test_precision_argument_selects(bge_all):
+    for p in ("fp32", "fp16", "int8-static"):
+        m = load(bge_all, precision=p)
+        assert m.precision == p and m.graph().file == ("model.onnx" if p == "fp32" else f"model.{p}.onnx")
+    with pytest.raises(ValueError, match="not in this artifact"):
+        Embedder(bge_all, precision="int4")
+
+
+def test_vnni_graph_asked_for_on_a_saturating_cpu_warns(bge_all, monkeypatch, caplog):
+    monkeypatch.setenv("BGERT_INT8_DOT", "saturating")
+    with caplog.at_level("WARNING", logger="bgert"):
+        assert Embedder(bge_all, precision="int8-vnni").precision == "int8-vnni"
+    assert "VNNI" in caplog.text
+
+
+def test_missed_gate_fails_export_and_leaves_nothing(tiny_bge, root):
+    out = os.path.join(root, "failed")
+    with pytest.raises(ExportError, match=r"int8 \(model.int8.onnx\): cos_mean .* < 1.01"):
+        export(tiny_bge, out, progress=False, precisions=["int8"], gates={"int8": {"cos_mean": 1.01}},
+               int8_isa_variant=False, **FAST)
+    assert not os.path.exists(out)
+
+
+def test_keep_failed_marks_and_never_chooses(tiny_bge, root, monkeypatch):
+    monkeypatch.setenv("BGERT_INT8_DOT", "saturating")
+    out = export(tiny_bge, os.path.join(root, "kept"), progress=False, precisions=["int8"], keep_failed=True,
+                 gates={"int8": {"cos_min": 1.01}}, **FAST)
+    graphs = {g["precision"]: g for g in manifest(out)["graphs"]}
+    assert graphs["int8"]["gate_passed"] is False and graphs["int8-vnni"]["gate_passed"] is False
+    assert Embedder(out).precision == "fp32"
+    from bgert.cli.info_cmd import describe
+
+    assert "FAILED GATE" in describe(out)
+
+
+def test_bad_options(tiny_bge, root):
+    with pytest.raises(ExportError, match="unknown precision"):
+        export(tiny_bge, os.path.join(root, "bad1"), progress=False, precisions=["int4"])
+    with pytest.raises(ExportError, match="calibration file"):
+        export(tiny_bge, os.path.join(root, "bad2"), progress=False, precisions=["int8"], calibration="/nope.txt")
+
+
+def test_calibration_file(tiny_bge, root, tmp_path):
+    cal = tmp_path / "cal.txt"
+    cal.write_text("\n".join(TEXTS * 2), encoding="utf-8")
+    out = export(tiny_bge, os.path.join(root, "cal"), progress=False, precisions=["int8-static"],
+                 calibration=str(cal), calibration_method="percentile", quality_size=4)
+    g = [g for g in manifest(out)["graphs"] if g["precision"] == "int8-static"][0]
+    assert g["gate_passed"] and g["recipe"]["calibration_method"] == "percentile"
+    queries = len(prec._bundled(prec.BUNDLED_QUERIES)) // 2  # the other half is held out
+    assert g["recipe"]["calibration_texts"] == len(prec.SHORT_CALIBRATION) + 8 + queries  # 8 non-empty lines
+
+
+def test_minilm_int8_holds_its_gates(minilm_int8):
+    """The real all-MiniLM-L6-v2: int8 variants hold their gates on this CPU and in exact integer arithmetic."""
+    graphs = {g["precision"]: g for g in manifest(minilm_int8)["graphs"]}
+    for p in ("int8", "int8-vnni"):
+        assert graphs[p]["gate_passed"], graphs[p]["quality"]
+        assert graphs[p]["quality"]["cos_mean"] >= 0.99
+    from bgert.cli.demo_cmd import sample_texts
+
+    docs, queries = sample_texts(12)
+    texts = docs[-6:] + queries[:6]
+    ref = Embedder(minilm_int8, precision="fp32").encode(texts)
+    c = cos(ref, Embedder(minilm_int8, precision="int8").encode(texts))
+    assert c.mean() >= 0.99 and c.min() >= 0.97, c
+
+
+def test_compare_handles_every_output_shape():
+    rng = np.random.default_rng(0)
+    ref = {"dense": [rng.normal(size=(3, 8))], "tokens": [rng.normal(size=(2, 5, 4)), rng.normal(size=(1, 7, 4))],
+           "weights": [np.abs(rng.normal(size=(2, 5))), np.abs(rng.normal(size=(1, 9)))]}
+    got = {k: [c + 1e-3 for c in v] for k, v in ref.items()}
+    out = prec.compare(ref, got, scores=False)
+    assert out["tokens"]["n"] == 17 and out["weights"]["n"] == 3
+    assert all(0.99 < out[k]["cos_min"] <= 1.0 for k in ref)
+    s = prec.compare({"score": [np.arange(6.0)[:, None]]}, {"score": [np.arange(6.0)[::-1, None]]}, scores=True)
+    assert s["score"]["spearman"] == pytest.approx(-1.0)
+    assert prec.gate_failures(prec.summarize({"a": s}), {"spearman": 0.98})
