@@ -66,6 +66,16 @@ CPU_PREFERENCE = (("int8-vnni",) if cpu_int8_dot_exact() else ()) + ("int8", "fp
 GPU_PREFERENCE = ("fp16", "fp32", "int8-static", "int8")
 
 
+#: on the CPU provider a batch costs what its padded tokens cost, whatever its shape: batches are padded
+#: only to a multiple of this (the manifest's power-of-two buckets serve GPU engines and CUDA graphs)
+CPU_PAD_MULTIPLE = 8
+
+
+def cpu_buckets(max_length: int) -> list[int]:
+    """Length buckets for the CPU provider: every multiple of CPU_PAD_MULTIPLE, and max_length."""
+    return sorted({*range(CPU_PAD_MULTIPLE, max_length, CPU_PAD_MULTIPLE), max_length})
+
+
 #: FlagEmbedding constructor arguments that choose torch devices/dtypes; an ONNX artifact fixes
 #: them at export (precision=, providers= are the runtime's equivalents), so they are accepted
 #: for drop-in compatibility and ignored with one log line.
@@ -127,6 +137,8 @@ class BgeModel(BatchedAPI):
             self.providers = []
         else:
             raise ValueError(f"backend must be 'ort' or 'triton', got {backend!r}")
+        if length_buckets is None and backend == "ort" and not self._on_gpu():
+            self.length_buckets = cpu_buckets(self.max_length)
         self.precision = self._choose_precision(precision)
 
     # ---- graph selection -------------------------------------------------------------------
