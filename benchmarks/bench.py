@@ -1008,21 +1008,27 @@ def plots(result: dict[str, Any], stem: str) -> list[str]:
     fig.savefig(out[0], dpi=110)
     plt.close(fig)
 
-    sp = speedups(result)
-    fig, ax = plt.subplots(figsize=(5, 3.8))
-    for name in names[1:]:
-        metric, value = _quality(result, name)
-        loss = max(1.0 - value, 1e-9) if metric != "max_abs_diff" else max(value, 1e-9)
-        y = sp.get(name, {}).get("mixed")
-        if y is not None:
-            ax.scatter([loss], [y], s=40)
-            ax.annotate(name.replace("bgert ", ""), (loss, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ref = names[0]
+    sizes = result["settings"]["batch_sizes"]
+    markers = "osD^vP*X"
+    fig, ax = plt.subplots(figsize=(8, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     metric = _quality(result, names[1])[0] if len(names) > 1 else "cos_min"
-    ax.set(xscale="log", xlabel=("1 − " + metric if metric != "max_abs_diff" else metric) + " vs PyTorch fp32",
-           ylabel=f"speed-up vs PyTorch (mixed, batch {max(result['settings']['batch_sizes'])})",
+    for i, name in enumerate(names[1:]):
+        value = _quality(result, name)[1]
+        loss = max(value, 1e-9) if metric == "max_abs_diff" else max(1.0 - value, 1e-9)
+        for j, bs in enumerate(sizes):
+            ours, theirs = _cell(result, name, "mixed", bs), _cell(result, ref, "mixed", bs)
+            if ours and theirs:
+                ax.scatter([loss], [ours["texts_per_s"] / theirs["texts_per_s"]],
+                           color=colors[(i + 1) % len(colors)],  # colours as in the throughput plot
+                           marker=markers[j % len(markers)], s=45, label=f"{name} (batch {bs})")
+    ax.set(xscale="log", xlabel=("1 − " + metric if metric != "max_abs_diff" else metric)
+           + " vs PyTorch fp32 (floor 1e-9)", ylabel="speed-up vs PyTorch (mixed set)",
            title=f"{result['model']}: speed against quality")
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     out.append(f"{stem}_speed_quality.png")
     fig.savefig(out[1], dpi=110)
