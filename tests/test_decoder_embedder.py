@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import tiny_models
+import variant_checks
 from bgert.export import detect, export
 from bgert.runtime import DecoderEmbedder, load
 
@@ -117,3 +118,31 @@ def test_bad_input(gemma2, mistral):
         DecoderEmbedder(mistral[1]).encode_queries(["q"], examples=[{"question": "q"}])
     with pytest.raises(TypeError):
         DecoderEmbedder(mistral[1]).encode_corpus([1, 2])
+
+
+@pytest.fixture(scope="module")
+def variants(gemma2, mistral, art_root) -> dict[str, str]:
+    return {name: variant_checks.export_variants(ckpt, os.path.join(art_root, art.rsplit("/", 1)[-1] + "-variants"))
+            for name, (ckpt, art) in (("gemma2", gemma2), ("mistral", mistral))}
+
+
+def test_variants_gated(variants):
+    for art in variants.values():
+        variant_checks.assert_gated(art, {"dense"})
+
+
+@pytest.mark.parametrize("precision", variant_checks.RUNNABLE)
+def test_variants_against_flagembedding(gemma2, mistral, variants, precision):
+    """fp16 keeps the rotary angles in fp32: without that the tiny Mistral missed the fp16 gate."""
+    from FlagEmbedding import FlagICLModel, FlagLLMModel
+
+    for name, ref in (("gemma2", FlagLLMModel(gemma2[0], use_fp16=False, devices="cpu",
+                                              query_instruction_for_retrieval=INSTRUCT,
+                                              query_instruction_format="<instruct>{}\n<query>{}")),
+                      ("mistral", FlagICLModel(mistral[0], use_fp16=False, devices="cpu",
+                                               query_instruction_for_retrieval=INSTRUCT, examples_for_task=EXAMPLES))):
+        kw = {"examples_for_task": EXAMPLES} if name == "mistral" else {}
+        model = DecoderEmbedder(variants[name], precision=precision, query_instruction_for_retrieval=INSTRUCT, **kw)
+        low = variant_checks.COS_MIN[precision]
+        assert cos_min(ref.encode_queries(QUERIES), model.encode_queries(QUERIES)) >= low, name
+        assert cos_min(ref.encode_corpus(PASSAGES), model.encode_corpus(PASSAGES)) >= low, name

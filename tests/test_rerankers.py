@@ -13,6 +13,7 @@ import onnx
 import pytest
 
 import tiny_models
+import variant_checks
 from bgert.export import detect, export
 from bgert.runtime import LayerwiseReranker, LLMReranker, Reranker, load
 
@@ -272,3 +273,38 @@ def test_detection_and_kind_override(cross_ckpt, gemma_ckpt, minicpm_ckpt, tmp_p
     renamed = shutil.copytree(gemma_ckpt, tmp_path / "my-finetuned-gemma")
     assert detect(str(renamed)).kind != "llm_reranker"  # a bare Gemma causal LM: nothing says reranker
     assert detect(str(renamed), "llm_reranker").kind == "llm_reranker"
+
+
+# ---------------------------------------------------------------- precision variants
+@pytest.fixture(scope="module")
+def variant_arts(cross_ckpt, gemma_ckpt, minicpm_ckpt, art_root) -> dict[str, str]:
+    # the tiny random rerankers' scores are nearly tied (std 0.07, with clusters 0.002 apart) while int8
+    # moves a score by up to 0.03, so their rank gates are loosened here; the defaults apply to real models
+    gates = {p: {"spearman": 0.9, "top5_agreement": 0.6} for p in ("int8", "int8-vnni", "int8-static")}
+    out = lambda name: os.path.join(art_root, name + "-variants")  # noqa: E731
+    return {"cross": variant_checks.export_variants(cross_ckpt, out("cross"), gates=gates),
+            "gemma": variant_checks.export_variants(gemma_ckpt, out("gemma"), gates=gates),
+            "minicpm": variant_checks.export_variants(minicpm_ckpt, out("minicpm"), cutoff_layers=[2, 4], gates=gates)}
+
+
+@pytest.mark.parametrize("family,outputs", [("cross", {"score"}), ("gemma", {"score"}), ("minicpm", {"scores"})])
+def test_variants_gated(variant_arts, family, outputs):
+    by = variant_checks.assert_gated(variant_arts[family], outputs)
+    assert all("top5_agreement" in g["quality"] and "spearman" in g["quality"] for p, gs in by.items()
+               if p != "fp32" for g in gs)
+    if family == "minicpm":  # every cutoff graph has its variants
+        assert sorted(g["file"] for g in by["int8"]) == ["model_cutoff2.int8.onnx", "model_cutoff4.int8.onnx"]
+
+
+@pytest.mark.parametrize("precision", variant_checks.RUNNABLE)
+def test_variants_against_flagembedding(variant_arts, flag_cross, flag_gemma, flag_minicpm, precision):
+    """Scores of each variant against the FlagEmbedding fp32 reranker: rank correlation and the best pair."""
+    cases = [(flag_cross.compute_score(PAIRS), load(variant_arts["cross"], precision=precision).compute_score(PAIRS)),
+             (flag_gemma.compute_score(PAIRS), load(variant_arts["gemma"], precision=precision).compute_score(PAIRS))]
+    layerwise = load(variant_arts["minicpm"], precision=precision)
+    cases += zip(flag_minicpm.compute_score(PAIRS, cutoff_layers=[2, 4]),
+                 layerwise.compute_score(PAIRS, cutoff_layers=[2, 4]))
+    for ref, got in cases:
+        assert len(got) == len(ref)
+        assert variant_checks.spearman(ref, got) >= variant_checks.SPEARMAN_MIN[precision], (ref, got)
+        assert int(np.argmax(ref)) == int(np.argmax(got))

@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _fmt_quality(q: dict) -> str:
-    keys = [k for k in ("cos_mean", "cos_min", "max_abs_diff", "spearman") if k in q]
+    keys = [k for k in ("cos_mean", "cos_min", "max_abs_diff", "spearman", "top5_agreement") if k in q]
     return ", ".join(f"{k} {q[k]:.6g}" for k in keys) or "-"
 
 
