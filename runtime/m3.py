@@ -22,6 +22,7 @@ from .base import BgeModel
 from .batcher import PAIRS_ALONE
 from .batching import Batch, pad
 from .embedder import format_instruction
+from .manifest import Manifest
 from .tokenize import check_max_length, check_texts
 
 #: BGEM3FlagModel's query_max_length / passage_max_length defaults (bge-m3 itself takes 8192)
@@ -31,6 +32,38 @@ DEFAULT_MAX_PADDED_LENGTH = 512
 SCORE_KEYS = ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")
 _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
              (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def sparse_drop_ids(manifest: Manifest) -> np.ndarray:
+    """Token ids never given a lexical weight: the manifest's list, else cls/eos/pad/unk (as BGEM3FlagModel)."""
+    drop = manifest.get("sparse_drop_ids")
+    if drop is None:
+        info = manifest.tokenizer_info
+        drop = [info[k] for k in ("cls_token_id", "eos_token_id", "pad_token_id", "unk_token_id") if k in info]
+    return np.asarray(sorted(set(drop)), dtype=np.int64)
+
+
+def lexical_weights(weights: np.ndarray, ids: np.ndarray, drop_ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per row of a padded batch: (ids, max weight) of the positive weights, ``drop_ids`` left out, in
+    order of first occurrence (FlagEmbedding's _process_token_weights, vectorised over the batch)."""
+    rows, pos = np.nonzero((weights > 0) & ~np.isin(ids, drop_ids))
+    tok, w = ids[rows, pos], weights[rows, pos]
+    order = np.lexsort((pos, tok, rows))  # runs of one (row, id), first occurrence first
+    rows, pos, tok, w = rows[order], pos[order], tok[order], w[order]
+    if len(w):
+        start = np.flatnonzero(np.r_[True, (rows[1:] != rows[:-1]) | (tok[1:] != tok[:-1])])
+        w = np.maximum.reduceat(w, start)
+        rows, pos, tok = rows[start], pos[start], tok[start]
+    order = np.lexsort((pos, rows))
+    rows, tok, w = rows[order], tok[order], w[order]
+    bounds = np.searchsorted(rows, np.arange(ids.shape[0] + 1))
+    return [(tok[a:b], w[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def colbert_vectors(colbert: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    """Per row of a right-padded batch: the ColBERT vectors of its real tokens after <s>, [n_tokens - 1, D]."""
+    n_real = mask.sum(1)
+    return [colbert[row, :n_real[row] - 1].copy() for row in range(len(n_real))]
 
 
 class _Encoded:
@@ -75,11 +108,7 @@ class M3Embedder(BgeModel):
         self.passage_max_length = check_max_length(passage_max_length or default, self.max_length)
         self.return_dense, self.return_sparse, self.return_colbert_vecs = return_dense, return_sparse, return_colbert_vecs
         self.max_padded_length = int(max_padded_length)
-        info = self.tokenizer.info
-        drop = m.get("sparse_drop_ids")
-        if drop is None:
-            drop = [info[k] for k in ("cls_token_id", "eos_token_id", "pad_token_id", "unk_token_id") if k in info]
-        self.sparse_drop_ids = np.asarray(sorted(set(drop)), dtype=np.int64)
+        self.sparse_drop_ids = sparse_drop_ids(m)
         self.clean_up_tokenization_spaces = bool(m.get("clean_up_tokenization_spaces", False))
 
     @property
@@ -122,22 +151,6 @@ class M3Embedder(BgeModel):
                              "`bgert export SRC --out DIR --heads dense,sparse,colbert`.")
         return want
 
-    def _lexical(self, weights: np.ndarray, ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per row: (ids, max weight) of the positive weights, special ids dropped, in order of first
-        occurrence (FlagEmbedding's _process_token_weights, vectorised over the whole batch)."""
-        rows, pos = np.nonzero((weights > 0) & ~np.isin(ids, self.sparse_drop_ids))
-        tok, w = ids[rows, pos], weights[rows, pos]
-        order = np.lexsort((pos, tok, rows))  # runs of one (row, id), first occurrence first
-        rows, pos, tok, w = rows[order], pos[order], tok[order], w[order]
-        if len(w):
-            start = np.flatnonzero(np.r_[True, (rows[1:] != rows[:-1]) | (tok[1:] != tok[:-1])])
-            w = np.maximum.reduceat(w, start)
-            rows, pos, tok = rows[start], pos[start], tok[start]
-        order = np.lexsort((pos, rows))
-        rows, tok, w = rows[order], tok[order], w[order]
-        bounds = np.searchsorted(rows, np.arange(ids.shape[0] + 1))
-        return [(tok[a:b], w[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-
     def _encode(self, texts: list[str], max_length: int, batch_size: int | None, want: Sequence[str]) -> _Encoded:
         seqs = self.tokenizer.encode(texts, max_length)
         enc = _Encoded(len(texts), self.dim, want)
@@ -150,12 +163,11 @@ class M3Embedder(BgeModel):
             if enc.lex is not None:
                 ids, _ = pad([seqs[i] for i in idx], mask.shape[1], self.tokenizer.pad_token_id,
                              self.tokenizer.padding_side)
-                for i, lw in zip(idx, self._lexical(got["sparse"], ids)):
+                for i, lw in zip(idx, lexical_weights(got["sparse"], ids, self.sparse_drop_ids)):
                     enc.lex[i] = lw
             if enc.colbert is not None:
-                n_real = mask.sum(1)
-                for row, i in enumerate(idx):
-                    enc.colbert[i] = got["colbert"][row, :n_real[row] - 1].copy()
+                for i, vecs in zip(idx, colbert_vectors(got["colbert"], mask)):
+                    enc.colbert[i] = vecs
         if not self.graph_normalizes and self.normalize_embeddings:
             if enc.dense is not None:
                 enc.dense /= np.maximum(np.linalg.norm(enc.dense, axis=-1, keepdims=True), 1e-12)

@@ -22,7 +22,7 @@ from .base import BgeModel
 from .batching import Batch, pad
 from .embedder import format_instruction
 from .manifest import ArtifactError, Graph
-from .tokenize import check_max_length, check_texts
+from .tokenize import TextTokenizer, check_max_length, check_texts
 
 log = logging.getLogger("bgert")
 
@@ -68,6 +68,47 @@ def trim_second(first_len: int, second: list[int], limit: int, side: str) -> lis
     return second[:-excess] if side == "right" else second[excess:]
 
 
+def default_query_max_length(max_length: int) -> int:
+    """FlagEmbedding's default query length for rerankers: three quarters of ``max_length``."""
+    return max_length * 3 // 4
+
+
+def tokenize_sides(tokenizer: TextTokenizer, queries: Sequence[str], passages: Sequence[str], query_max_length: int,
+                   max_length: int, side: str) -> tuple[list[tuple[list[int], list[int]]], bool]:
+    """Each side tokenised without special tokens and truncated on its own (the query to
+    ``query_max_length``, the passage to ``max_length``); and whether any side was cut."""
+    sides = tokenizer.encode_pairs(queries, passages)
+    cut = any(len(q) > query_max_length or len(p) > max_length for q, p in sides)
+    return [(keep_first(q, query_max_length, side), keep_first(p, max_length, side)) for q, p in sides], cut
+
+
+def assemble_pair(template: Sequence[int], template_types: Sequence[int] | None, query: list[int],
+                  passage: list[int], max_length: int, side: str) -> tuple[list[int], list[int]]:
+    """A cross-encoder's input: the tokenizer's pair template (special ids, FIRST/SECOND placeholders)
+    filled with the query and the passage, the passage trimmed to fit; and the token type ids."""
+    passage = trim_second(len(query) + len(template) - 2, passage, max_length, side)
+    ids: list[int] = []
+    types: list[int] = []
+    for pos, tok in enumerate(template):
+        piece = query if tok == FIRST else passage if tok == SECOND else [tok]
+        ids += piece
+        types += [template_types[pos] if template_types else 0] * len(piece)
+    return ids, types
+
+
+def llm_pieces(tokenizer: TextTokenizer, sides: Sequence[tuple[list[int], list[int]]], bos_prefix: list[int],
+               separator: str, prompt: str, max_length: int, side: str) -> list[tuple[list[int], list[int], list[int]]]:
+    """FlagLLMReranker's assembly as (bos+query, sep+passage, sep+prompt) per pair of tokenised
+    sides: the passage (with its separator) trimmed to ``max_length + len(sep) + len(prompt)`` overall."""
+    sep, prompt_ids = tokenizer.encode([separator, prompt], add_special_tokens=False)
+    limit = max_length + len(sep) + len(prompt_ids)
+    out = []
+    for q, p in sides:
+        first = bos_prefix + q
+        out.append((first, trim_second(len(first), sep + p, limit, side), sep + prompt_ids))
+    return out
+
+
 class _PairReranker(BgeModel):
     """Shared part of the rerankers: settings, pair tokenisation, batched scoring, normalisation."""
 
@@ -98,7 +139,8 @@ class _PairReranker(BgeModel):
         """(query_max_length, max_length) for one call, with FlagEmbedding's defaults."""
         max_length = check_max_length(self.max_length if max_length is None else max_length, self.model_max_length)
         if query_max_length is None:
-            query_max_length = self.query_max_length if self.query_max_length is not None else max_length * 3 // 4
+            query_max_length = (self.query_max_length if self.query_max_length is not None
+                                else default_query_max_length(max_length))
         return check_max_length(query_max_length), max_length
 
     def _sides(self, pairs: list[Pair], query_max_length: int, max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -107,14 +149,14 @@ class _PairReranker(BgeModel):
                                      [q for q, _ in pairs])
         passages = format_instruction(self.passage_instruction_for_rerank, self.passage_instruction_format,
                                       [p for _, p in pairs])
-        sides = self.tokenizer.encode_pairs(queries, passages)
-        if not self._warned_truncation and any(len(q) > query_max_length or len(p) > max_length for q, p in sides):
+        sides, cut = tokenize_sides(self.tokenizer, queries, passages, query_max_length, max_length,
+                                    self.truncation_side)
+        if cut and not self._warned_truncation:
             self._warned_truncation = True
             log.warning("bgert: some queries/passages are longer than query_max_length=%d / max_length=%d tokens "
                         "and were truncated (as the reference does). This is reported once per model.",
                         query_max_length, max_length)
-        return [(keep_first(q, query_max_length, self.truncation_side), keep_first(p, max_length, self.truncation_side))
-                for q, p in sides]
+        return sides
 
     def _check_fits(self, sequences: Sequence[Sequence[int]]) -> None:
         for i, s in enumerate(sequences):
@@ -159,18 +201,10 @@ class Reranker(_PairReranker):
             raise ArtifactError(f"{self.model_dir}: the manifest's pair_template is missing or damaged; "
                                 "re-export the artifact.")
         self._template_types = template.get("token_type_ids")
-        self._n_special = len(self._template) - 2
 
     def _assemble(self, query: list[int], passage: list[int], max_length: int) -> tuple[list[int], list[int]]:
         """Special tokens around the pair (the tokenizer's own template), the passage trimmed to fit."""
-        passage = trim_second(len(query) + self._n_special, passage, max_length, self.truncation_side)
-        ids: list[int] = []
-        types: list[int] = []
-        for pos, tok in enumerate(self._template):
-            piece = query if tok == FIRST else passage if tok == SECOND else [tok]
-            ids += piece
-            types += [self._template_types[pos] if self._template_types else 0] * len(piece)
-        return ids, types
+        return assemble_pair(self._template, self._template_types, query, passage, max_length, self.truncation_side)
 
     def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
                       query_max_length: int | None = None, max_length: int | None = None,
@@ -213,13 +247,8 @@ class LLMReranker(_PairReranker):
         """FlagLLMReranker's assembly as (bos+query, sep+passage, sep+prompt) per pair: the passage
         (with its separator) trimmed to ``max_length + len(sep) + len(prompt)`` overall."""
         prompt = prompt if prompt is not None else self.prompt if self.prompt is not None else self.manifest.get("prompt")
-        sep, prompt_ids = self.tokenizer.encode([self.separator, prompt], add_special_tokens=False)
-        limit = max_length + len(sep) + len(prompt_ids)
-        out = []
-        for q, p in self._sides(pairs, query_max_length, max_length):
-            first = self.bos_prefix + q
-            out.append((first, trim_second(len(first), sep + p, limit, self.truncation_side), sep + prompt_ids))
-        return out
+        return llm_pieces(self.tokenizer, self._sides(pairs, query_max_length, max_length), self.bos_prefix,
+                          self.separator, prompt, max_length, self.truncation_side)
 
     def _sequences(self, pairs: list[Pair], query_max_length: int, max_length: int,
                    prompt: str | None) -> list[list[int]]:
