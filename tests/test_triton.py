@@ -143,8 +143,8 @@ def test_repository_options_and_errors(tiny_bge_art, tmp_path):
 
 def test_reranker_repository_has_a_per_row_score(cross_art, tmp_path):
     repo = str(tmp_path / "repo")
-    names = write_repository(cross_art, repo, backend="onnxruntime", device="gpu")
-    assert names == ["bge-reranker-v2-m3_model"]  # no raw-text ensemble for rerankers yet: token ids in
+    names = write_repository(cross_art, repo, backend="onnxruntime", device="gpu", ensemble=False)
+    assert names == ["bge-reranker-v2-m3_model"]  # token ids in (ensembles: tests/test_triton_families.py)
     cfg = parse(os.path.join(repo, names[0], "config.pbtxt"))
     assert [i.name for i in cfg.input] == ["input_ids", "attention_mask"]
     (score,) = cfg.output
@@ -203,7 +203,7 @@ def triton_server(tiny_bge_art, cross_art, tmp_path_factory):
     repo = str(tmp_path_factory.mktemp("triton") / "repo")
     write_repository(tiny_bge_art, repo, backend="python", device="cpu", max_batch_size=8, queue_delay_us=2000,
                      threads=1)
-    write_repository(cross_art, repo, backend="python", device="cpu", max_batch_size=4, threads=1)
+    write_repository(cross_art, repo, backend="python", device="cpu", max_batch_size=4, threads=1, ensemble=False)
     try:
         server = TritonServer(repo).start(timeout=180)
     except ServerUnavailable as e:

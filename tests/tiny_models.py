@@ -150,6 +150,20 @@ def build_cross_encoder(root: str, name: str = "bge-reranker-v2-m3") -> str:
     return d
 
 
+def build_bert_cross_encoder(root: str, name: str = "tiny-bert-reranker") -> str:
+    """BertForSequenceClassification with one label: a cross-encoder fed token type ids (passage = 1)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    d = os.path.join(root, name)
+    tok = build_wordpiece_tokenizer(d)
+    torch.manual_seed(SEED)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, type_vocab_size=2, num_labels=1, initializer_range=INIT,
+                     architectures=["BertForSequenceClassification"])
+    BertForSequenceClassification(cfg).eval().save_pretrained(d)
+    return d
+
+
 def build_gemma_reranker(root: str, name: str = "bge-reranker-v2-gemma") -> str:
     """GemmaForCausalLM (bge-reranker-v2-gemma layout)."""
     from transformers import GemmaConfig, GemmaForCausalLM, GemmaTokenizerFast

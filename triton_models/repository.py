@@ -9,12 +9,19 @@ For an artifact named N it writes, next to any models already in the repository:
   max_batch_size, dynamic batching (preferred sizes from the length buckets and token budget,
   a queue delay) and instance groups are set; parameters record the graph's sha256 and precision
   so ``TritonBackend`` refuses a model that is not the artifact's.
-- ``N_tokenizer`` (python backend, triton_models/tokenizer_model.py) and the ensemble ``N``:
-  raw strings (TEXT, TYPE_STRING) → tokenizer → model, so any Triton client can send text.
+- ``N_tokenizer`` (python backend, triton_models/tokenizer_model.py), for BGE-M3 and rerankers
+  ``N_postprocess`` (python backend, triton_models/postprocess_model.py), and the ensemble ``N``:
+  raw strings (TYPE_STRING) → tokenizer → model → post-processing, so any Triton client can send
+  text. Embedders and BGE-M3 take ``TEXT``; cross-encoder and LLM rerankers ``QUERY`` and
+  ``PASSAGE`` (one pair per row). Outputs: embedders ``dense``; BGE-M3 ``dense_vecs``, lexical
+  weights and ColBERT vectors as padded arrays with per-text counts (see postprocess_model.py);
+  rerankers ``score`` (the logit) and ``normalized_score`` (its sigmoid). Texts are truncated as
+  the runtime class truncates them by default, or to ``max_length`` tokens.
 
-Python models import bgert.runtime's own tokenizer/batching/backend modules: the installed
-package's files are copied into each python model's version directory (``1/bgert/runtime``),
-so the repository is self-contained and the server needs only numpy, tokenizers and onnxruntime.
+Python models import bgert.runtime's own tokenizer, batching, pair assembly, M3 post-processing
+and ORT backend modules: the installed package's files are copied into each python model's
+version directory (``1/bgert/runtime``), so the repository is self-contained and the server
+needs only numpy, tokenizers and onnxruntime.
 """
 from __future__ import annotations
 
@@ -26,7 +33,10 @@ from typing import Any, Sequence
 
 from bgert.runtime.base import CPU_PREFERENCE, GPU_PREFERENCE
 from bgert.runtime.batching import DEFAULT_TOKEN_BUDGET
+from bgert.runtime.m3 import REFERENCE_MAX_LENGTH, sparse_drop_ids
 from bgert.runtime.manifest import ArtifactError, Graph, Manifest, read_manifest
+from bgert.runtime.reranker import FIRST, SECOND, default_query_max_length
+from bgert.runtime.tokenize import check_max_length
 from bgert.runtime.triton_backend import (PARAM_PRECISION, PARAM_SHA256, default_repo_name, model_step_name,
                                           sanitize_name)
 
@@ -37,8 +47,14 @@ log = logging.getLogger("bgert")
 BACKENDS = ("onnxruntime", "tensorrt", "python")
 DEVICES = ("gpu", "cpu")
 TEXT_INPUT = "TEXT"
-#: kinds whose raw-text ensemble (tokenizer → model) is written; others get the model step(s) only
-ENSEMBLE_KINDS = ("embedder",)
+PAIR_INPUTS = ("QUERY", "PASSAGE")
+#: kinds whose raw-text ensemble (tokenizer → model → post-processing) is written; others get the model step(s) only
+ENSEMBLE_KINDS = ("embedder", "m3", "reranker", "llm_reranker")
+#: kinds whose ensemble takes (QUERY, PASSAGE) pairs and gives scores
+PAIR_KINDS = ("reranker", "llm_reranker")
+#: BGE-M3 graph outputs → the ensemble outputs the post-processing step makes of them
+M3_POSTPROCESS = {"sparse": ("lexical_ids", "lexical_weights", "lexical_lengths"),
+                  "colbert": ("colbert_vecs", "colbert_lengths")}
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _TRITON_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(int64)": "TYPE_INT64",
                  "tensor(int32)": "TYPE_INT32", "tensor(bool)": "TYPE_BOOL", "tensor(double)": "TYPE_FP64"}
@@ -129,43 +145,129 @@ def model_step_config(name: str, graph: Graph, manifest: Manifest, inputs: list,
     return cfg
 
 
-def tokenizer_config(name: str, manifest: Manifest, graph_inputs: list, *, instances: int, max_batch_size: int,
-                     queue_delay_us: int) -> dict[str, Any]:
-    """config.pbtxt fields of the python tokenizer model (TEXT in, the graph's id inputs out)."""
+def text_max_length(manifest: Manifest, max_length: int | None = None) -> int:
+    """Tokens a text (a pair, for rerankers) is truncated to: ``max_length``, else the runtime class's
+    default (embedders: the model's max length; BGE-M3: 512 as BGEM3FlagModel; rerankers: the
+    manifest's default_max_length), capped at the model's max length."""
+    if max_length is None and manifest.kind == "m3":
+        max_length = min(REFERENCE_MAX_LENGTH, manifest.max_length)
+    elif max_length is None and manifest.kind in PAIR_KINDS:
+        max_length = manifest.get("default_max_length", 512)
+    elif max_length is None:
+        max_length = manifest.max_length
+    return check_max_length(max_length, manifest.max_length)
+
+
+def _python_step(name: str, inputs: list, outputs: list, *, instances: int, max_batch_size: int,
+                 queue_delay_us: int, params: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": name,
         "backend": "python",
         "max_batch_size": max_batch_size,
-        "input": [{"name": TEXT_INPUT, "data_type": Sym("TYPE_STRING"), "dims": [1]}],
-        "output": [{"name": i["name"], "data_type": i["data_type"], "dims": [-1]} for i in graph_inputs],
+        "input": inputs,
+        "output": outputs,
         "dynamic_batching": {"max_queue_delay_microseconds": queue_delay_us},
         "instance_group": _instance_group("cpu", instances),
-        "parameters": _params({"tokenizer_info": json.dumps(manifest.tokenizer_info),
-                               "max_length": manifest.max_length,
-                               "length_buckets": json.dumps(manifest.length_buckets)}),
+        "parameters": _params(params),
     }
 
 
-def ensemble_config(name: str, tokenizer: str, model: str, manifest: Manifest, graph_inputs: list, outputs: list,
-                    max_batch_size: int) -> dict[str, Any]:
-    """config.pbtxt fields of the ensemble TEXT → tokenizer → model; parameters tell clients the query instruction."""
-    def maps(names: Sequence[str]) -> list[dict[str, str]]:
-        return [{"key": n, "value": n} for n in names]
+def _strings(names: Sequence[str]) -> list[dict[str, Any]]:
+    return [{"name": n, "data_type": Sym("TYPE_STRING"), "dims": [1]} for n in names]
 
+
+def _renamed(spec: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    """``spec`` under ``name``, without a reshape: ensemble tensors between steps carry the config dims."""
+    return {**{k: v for k, v in spec.items() if k != "reshape"}, "name": name or spec["name"]}
+
+
+def tokenizer_config(name: str, manifest: Manifest, graph_inputs: list, *, instances: int, max_batch_size: int,
+                     queue_delay_us: int, max_length: int | None = None) -> dict[str, Any]:
+    """config.pbtxt fields of the python tokenizer model (TEXT, or QUERY and PASSAGE, in; the graph's id inputs out)."""
+    length = text_max_length(manifest, max_length)
+    params: dict[str, Any] = {"tokenizer_info": json.dumps(manifest.tokenizer_info), "max_length": length,
+                              "length_buckets": json.dumps(manifest.length_buckets)}
+    if manifest.kind in PAIR_KINDS:
+        if manifest.kind == "reranker":
+            template = manifest.get("pair_template") or {}
+            ids = list(template.get("input_ids") or [])
+            if ids.count(FIRST) != 1 or ids.count(SECOND) != 1:
+                raise ArtifactError(f"{manifest.root}: the manifest's pair_template is missing or damaged; "
+                                    "re-export the artifact.")
+            assembly = {"template": ids, "template_types": template.get("token_type_ids")}
+        else:
+            bos = manifest.get("bos_prefix_id")
+            assembly = {"bos_prefix": [] if bos is None else [int(bos)], "separator": manifest.get("separator", "\n"),
+                        "prompt": manifest.get("prompt")}
+        params.update({"assembly": json.dumps(assembly),
+                       "pad_to_multiple_of": int(manifest.get("pad_to_multiple_of", 1)),
+                       "query_max_length": default_query_max_length(length),
+                       "model_max_length": manifest.max_length,
+                       "truncation_side": manifest.get("truncation_side", "right"),
+                       "instructions": json.dumps({"query": manifest.get("query_instruction_for_rerank"),
+                                                   "passage": manifest.get("passage_instruction_for_rerank")})})
+    return _python_step(name, _strings(PAIR_INPUTS if manifest.kind in PAIR_KINDS else [TEXT_INPUT]),
+                        [{"name": i["name"], "data_type": i["data_type"], "dims": [-1]} for i in graph_inputs],
+                        instances=instances, max_batch_size=max_batch_size, queue_delay_us=queue_delay_us,
+                        params=params)
+
+
+def postprocess_config(name: str, manifest: Manifest, graph_inputs: list, graph_outputs: list, *, instances: int,
+                       max_batch_size: int, queue_delay_us: int) -> dict[str, Any] | None:
+    """config.pbtxt fields of the python post-processing model, or None when the kind needs none
+    (embedders, BGE-M3 with the dense head only)."""
+    specs = {o["name"]: o for o in graph_outputs}
+    if manifest.kind in PAIR_KINDS:
+        score = specs[manifest.get("output_name", "score")]
+        return _python_step(name, [_renamed(score)], [_renamed(score, "normalized_score")], instances=instances,
+                            max_batch_size=max_batch_size, queue_delay_us=queue_delay_us, params={"kind": "reranker"})
+    heads = [h for h in M3_POSTPROCESS if h in specs] if manifest.kind == "m3" else []
+    if not heads:
+        return None
+    dim = specs["colbert"]["dims"][-1] if "colbert" in specs else None
+    out_specs = {"lexical_ids": ("TYPE_INT64", [-1]), "lexical_weights": ("TYPE_FP32", [-1]),
+                 "lexical_lengths": ("TYPE_INT32", [1]), "colbert_vecs": ("TYPE_FP32", [-1, dim]),
+                 "colbert_lengths": ("TYPE_INT32", [1])}
+    outputs = [{"name": n, "data_type": Sym(out_specs[n][0]), "dims": out_specs[n][1]}
+               for h in heads for n in M3_POSTPROCESS[h]]
+    ids = [{"name": i["name"], "data_type": i["data_type"], "dims": [-1]} for i in graph_inputs
+           if i["name"] in ("input_ids", "attention_mask")]
+    return _python_step(name, ids + [specs[h] for h in heads], outputs, instances=instances,
+                        max_batch_size=max_batch_size, queue_delay_us=queue_delay_us,
+                        params={"kind": "m3", "sparse_drop_ids": json.dumps(sparse_drop_ids(manifest).tolist())})
+
+
+def ensemble_config(name: str, tokenizer: str, model: str, manifest: Manifest, graph_inputs: list,
+                    graph_outputs: list, max_batch_size: int, postprocess: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """config.pbtxt fields of the ensemble text → tokenizer → model (→ post-processing, whose config
+    ``postprocess`` is); parameters tell clients the query instruction."""
+    def maps(names: Sequence[str], to: dict[str, str] | None = None) -> list[dict[str, str]]:
+        return [{"key": n, "value": (to or {}).get(n, n)} for n in names]
+
+    texts = list(PAIR_INPUTS) if manifest.kind in PAIR_KINDS else [TEXT_INPUT]
     ids = [i["name"] for i in graph_inputs]
-    out_names = [o["name"] for o in outputs]
+    out_names = [o["name"] for o in graph_outputs]
+    rename = {"dense": "dense_vecs"} if manifest.kind == "m3" else {}  # BGEM3FlagModel.encode's keys
+    outputs = [_renamed(o, rename.get(o["name"], o["name"])) for o in graph_outputs
+               if postprocess is None or manifest.kind in PAIR_KINDS or o["name"] not in M3_POSTPROCESS]
+    steps = [{"model_name": tokenizer, "model_version": -1, "input_map": maps(texts), "output_map": maps(ids)},
+             {"model_name": model, "model_version": -1, "input_map": maps(ids),
+              "output_map": maps(out_names, rename)}]
+    if postprocess is not None:
+        post_out = [o["name"] for o in postprocess["output"]]
+        steps.append({"model_name": postprocess["name"], "model_version": -1,
+                      "input_map": maps([i["name"] for i in postprocess["input"]]), "output_map": maps(post_out)})
+        outputs += postprocess["output"]
     extra = {k: manifest.get(k) for k in ("kind", "query_instruction", "query_instruction_format", "normalize",
                                           "dim", "max_length") if manifest.get(k) is not None}
     return {
         "name": name,
         "platform": "ensemble",
         "max_batch_size": max_batch_size,
-        "input": [{"name": TEXT_INPUT, "data_type": Sym("TYPE_STRING"), "dims": [1]}],
+        "input": _strings(texts),
         "output": outputs,
-        "ensemble_scheduling": {"step": [
-            {"model_name": tokenizer, "model_version": -1, "input_map": maps([TEXT_INPUT]), "output_map": maps(ids)},
-            {"model_name": model, "model_version": -1, "input_map": maps(ids), "output_map": maps(out_names)},
-        ]},
+        "ensemble_scheduling": {"step": steps},
         "parameters": _params({f"bgert_{k}": v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()}),
     }
 
@@ -218,8 +320,12 @@ def write_repository(artifact: str, out: str, *, backend: str = "onnxruntime", d
                      instances: int = 1, max_batch_size: int = 64, precision: str | None = None,
                      ensemble: bool = True, name: str | None = None, queue_delay_us: int = 500,
                      token_budget: int = DEFAULT_TOKEN_BUDGET, threads: int | None = None,
-                     workspace_bytes: int = 1 << 30, force: bool = False) -> list[str]:
+                     workspace_bytes: int = 1 << 30, max_length: int | None = None,
+                     force: bool = False) -> list[str]:
     """Add the models of ``artifact`` to the repository ``out``; returns the model names written.
+
+    ``max_length``: tokens the ensemble's tokenizer truncates a text (a pair) to; default: the
+    runtime class's default (see text_max_length).
 
     Raises FileExistsError when one of those model directories exists (``force`` replaces it),
     ValueError for bad options, ArtifactError for a damaged artifact.
@@ -242,9 +348,15 @@ def write_repository(artifact: str, out: str, *, backend: str = "onnxruntime", d
     if ensemble and not with_ensemble:
         log.warning("bgert: no raw-text ensemble for %s artifacts with %d graph(s) yet; writing the model step(s) "
                     "only (clients send token ids, e.g. backend='triton')", manifest.kind, len(graphs))
-    names = [model_step_name(base, g) for g in graphs]
     if with_ensemble:
-        names += [f"{base}_tokenizer", base]
+        text_max_length(manifest, max_length)  # a bad max_length fails before anything is written
+    names = [model_step_name(base, g) for g in graphs]
+    io = [graph_io(manifest.path(g.file)) for g in graphs]
+    post = None
+    if with_ensemble:
+        post = postprocess_config(f"{base}_postprocess", manifest, *io[0], instances=instances,
+                                  max_batch_size=max_batch_size, queue_delay_us=queue_delay_us)
+        names += [f"{base}_tokenizer", *([post["name"]] if post else []), base]
     out = os.path.abspath(out)
     clash = [n for n in names if os.path.exists(os.path.join(out, n))]
     if clash and not force:
@@ -254,8 +366,7 @@ def write_repository(artifact: str, out: str, *, backend: str = "onnxruntime", d
     staging = os.path.join(out, f".bgert-tmp-{os.getpid()}")  # not a model: Triton ignores dot-directories
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        for g, step in zip(graphs, names):
-            inputs, outputs = graph_io(manifest.path(g.file))
+        for g, step, (inputs, outputs) in zip(graphs, names, io):
             d = os.path.join(staging, step)
             _copy_graph(manifest, g, os.path.join(d, "1"))
             if backend == "python":
@@ -269,10 +380,14 @@ def write_repository(artifact: str, out: str, *, backend: str = "onnxruntime", d
             d = os.path.join(staging, tok)
             _python_model(d, "tokenizer_model.py")
             shutil.copy2(manifest.tokenizer_file, os.path.join(d, "1", "tokenizer.json"))
-            _write_config(d, tokenizer_config(tok, manifest, inputs, instances=instances,
-                                              max_batch_size=max_batch_size, queue_delay_us=queue_delay_us))
+            _write_config(d, tokenizer_config(tok, manifest, inputs, instances=instances, max_batch_size=max_batch_size,
+                                              queue_delay_us=queue_delay_us, max_length=max_length))
+            if post is not None:
+                d = os.path.join(staging, post["name"])
+                _python_model(d, "postprocess_model.py")
+                _write_config(d, post)
             _write_config(os.path.join(staging, base), ensemble_config(
-                base, tok, names[0], manifest, inputs, outputs, max_batch_size))
+                base, tok, names[0], manifest, inputs, outputs, max_batch_size, post))
         for n in names:
             target = os.path.join(out, n)
             if os.path.exists(target):

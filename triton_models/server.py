@@ -216,8 +216,9 @@ def _die_with_parent() -> None:
 
 
 def run_foreground(cmd: list[str], env: ServerEnv) -> int:
-    """Run the server in the foreground until it exits or Ctrl-C (forwarded as SIGINT)."""
-    proc = subprocess.Popen(cmd, env=env.process_env())
+    """Run the server in the foreground until it exits or Ctrl-C (forwarded as SIGINT); it gets
+    SIGTERM when this process dies, so killing ``bgert triton-serve`` leaves no server behind."""
+    proc = subprocess.Popen(cmd, env=env.process_env(), preexec_fn=_die_with_parent)
     try:
         return proc.wait()
     except KeyboardInterrupt:

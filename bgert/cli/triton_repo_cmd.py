@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="model name prefix (default: the artifact directory's name)")
     p.add_argument("--queue-delay-us", type=int, default=500, help="dynamic batcher max queue delay (default: 500)")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads per instance (default: ORT's)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens the raw-text ensemble truncates a text (a reranker pair) to (default: as the runtime "
+                        "class: the model's max length; 512 for BGE-M3; the manifest's default for rerankers)")
     p.add_argument("--workspace-bytes", type=int, default=1 << 30, help="TensorRT workspace size (default: 1 GiB)")
     p.add_argument("--force", action="store_true", help="replace models of the same name in REPO")
 
@@ -32,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
                              instances=args.instances, max_batch_size=args.max_batch_size,
                              precision=args.precision, ensemble=not args.no_ensemble, name=args.name,
                              queue_delay_us=args.queue_delay_us, threads=args.threads,
-                             workspace_bytes=args.workspace_bytes, force=args.force)
+                             workspace_bytes=args.workspace_bytes, max_length=args.max_length,
+                             force=args.force)
     print(f"wrote models {', '.join(names)} to {args.out}", file=sys.stderr)
     return 0
