@@ -279,12 +279,14 @@ def test_variants_against_flagembedding(m3_variants, flag, precision):
         # little on 31 repeated tokens (min 0.967 measured), so rows get a looser floor than their mean
         c = variant_checks.cos_rows(r, g)
         assert g.shape == r.shape and c.mean() >= max(low, 0.99) and c.min() >= low - 0.02
+    pairs = []
     for r, g in zip(ref["lexical_weights"], got["lexical_weights"]):
         keys = sorted(set(r) | set(g))
-        rv, gv = (np.array([float(d.get(k, 0)) for k in keys]) for d in (r, g))
-        if np.linalg.norm(rv) > 0.05:
+        pairs.append([np.array([float(d.get(k, 0)) for k in keys]) for d in (r, g)])
+    scale = max(rv.max(initial=0) for rv, _ in pairs)  # the largest token weight (3.5 for the tiny model)
+    for rv, gv in pairs:
+        assert np.abs(rv - gv).max(initial=0) <= 0.05 * scale  # absolute: a near-zero weight may move
+        if np.linalg.norm(rv) > 0.1 * scale:
             assert variant_checks.cos_rows(rv, gv) >= low
-        else:  # a few near-zero weights: relu may drop one, which changes no score measurably
-            assert np.abs(rv - gv).max(initial=0) < 0.05
     if precision != "fp16":
         assert np.abs(ref["dense_vecs"] - got["dense_vecs"]).max() > 1e-5, "identical to fp32: nothing quantized"

@@ -144,7 +144,7 @@ def test_fixed_shapes_pad_rows_and_give_each_shape_a_graph_id(small_model):
     plain = OrtBackend(path, [CPU], session_options())
     rng = np.random.default_rng(0)
     for n in (3, 3, 5, 1, 12, 3):
-        ids = rng.integers(5, 300, size=(n, 16))
+        ids = rng.integers(5, model.tokenizer.vocab_size, size=(n, 16))
         mask = np.ones_like(ids)
         mask[:, 10:] = 0
         feeds = {"input_ids": ids, "attention_mask": mask}

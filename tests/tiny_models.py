@@ -35,15 +35,21 @@ CORPUS = [
 
 
 def build_wordpiece_tokenizer(out_dir: str, max_length: int = 512):
-    """BERT-style: WordPiece, lower-casing, [CLS] x [SEP]."""
-    from tokenizers.implementations import BertWordPieceTokenizer
+    """BERT-style: WordPiece, lower-casing, [CLS] x [SEP]. The vocabulary is built here rather than
+    trained (WordPiece training breaks ties differently run to run): specials, every character alone
+    and as a ``##`` continuation, then every word of CORPUS, sorted, so ids are the same every time."""
+    from tokenizers import normalizers as norm
+    from tokenizers import pre_tokenizers as pre
     from transformers import BertTokenizerFast
 
-    wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator(CORPUS, vocab_size=400, min_frequency=1,
-                           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    n, p = norm.BertNormalizer(lowercase=True), pre.BertPreTokenizer()
+    words = {w for text in CORPUS for w, _ in p.pre_tokenize_str(n.normalize_str(text))}
+    chars = sorted({c for w in words for c in w})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + \
+        sorted(words - set(chars))
     os.makedirs(out_dir, exist_ok=True)
-    wp.save_model(out_dir)
+    with open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
     tok = BertTokenizerFast(vocab_file=os.path.join(out_dir, "vocab.txt"), do_lower_case=True,
                             model_max_length=max_length)
     tok.save_pretrained(out_dir)
@@ -61,6 +67,10 @@ def build_unigram_xlmr_tokenizer(out_dir: str, max_length: int = 512):
     trainer = trainers.UnigramTrainer(vocab_size=250, unk_token="<unk>",
                                       special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
     tk.train_from_iterator(CORPUS, trainer)
+    # Unigram training is not deterministic (ties and float sums vary run to run): fix ids and scores
+    vocab = json.loads(tk.to_str())["model"]["vocab"]
+    specials, pieces = vocab[:4], sorted(((p, round(sc, 2)) for p, sc in vocab[4:]), key=lambda x: (-x[1], x[0]))
+    tk.model = models.Unigram([tuple(v) for v in specials + pieces], unk_id=3, byte_fallback=False)
     tk.add_special_tokens(["<mask>"])
     tk.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
@@ -83,13 +93,14 @@ def build_bpe_tokenizer(out_dir: str, specials: list[str], tokenizer_cls, **spec
     return tok
 
 
-def build_bge(root: str, name: str = "bge-small-en-v1.5", layers: int = 2, max_position: int = 512) -> str:
+def build_bge(root: str, name: str = "bge-small-en-v1.5", layers: int = 2, max_position: int = 512,
+              seed: int = SEED) -> str:
     """BGE v1.5 layout: BertModel + WordPiece tokenizer, CLS pooling, normalised (no ST files)."""
     from transformers import BertConfig, BertModel
 
     d = os.path.join(root, name)
     tok = build_wordpiece_tokenizer(d, max_length=max_position)
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(tok), hidden_size=H, num_hidden_layers=layers, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=max_position, pad_token_id=tok.pad_token_id,
                      initializer_range=INIT)
@@ -100,7 +111,7 @@ def build_bge(root: str, name: str = "bge-small-en-v1.5", layers: int = 2, max_p
 def build_mean_pooling(root: str, name: str = "tiny-mean-minilm", max_seq_length: int = 128,
                        normalize: bool = True) -> str:
     """sentence-transformers layout (modules.json, 1_Pooling mean, Normalize) on a tiny BERT."""
-    d = build_bge(root, name)
+    d = build_bge(root, name, seed=SEED + 1)  # other weights than the tiny BGE: a distinct model
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     if normalize:
