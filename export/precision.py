@@ -89,7 +89,7 @@ class Settings:
     calibration_method: str = "minmax"
     calibration_percentile: float = 99.99
     int8_smooth: str | float | None = "auto"
-    int8_fp32_nodes: float = 0.125
+    int8_fp32_nodes: float = 0.25
     int8_isa_variant: bool = True
     static_activations: str = "uint8"
 

@@ -213,7 +213,7 @@ class Plan:
 
 
 def plan(model: Any, tgts: Sequence[Target], stats: ActStats, qmax: int, smooth: str | float | None = "auto",
-         fp32_nodes: float = 0.125) -> Plan:
+         fp32_nodes: float = 0.25) -> Plan:
     """Choose smoothing per activation and the nodes to keep in fp32 from the int8 error estimates.
 
     ``smooth``: "auto" (best alpha of ALPHAS per activation), a fixed alpha, or None (no smoothing).

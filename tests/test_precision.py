@@ -141,13 +141,22 @@ def test_bad_options(tiny_bge, root):
         export(tiny_bge, os.path.join(root, "bad2"), progress=False, precisions=["int8"], calibration="/nope.txt")
 
 
-def test_calibration_file(tiny_bge, root, tmp_path):
+def test_calibration_file_from_the_cli(tiny_bge, root, tmp_path):
+    import subprocess
+    import sys
+
     cal = tmp_path / "cal.txt"
     cal.write_text("\n".join(TEXTS * 2), encoding="utf-8")
-    out = export(tiny_bge, os.path.join(root, "cal"), progress=False, precisions=["int8-static"],
-                 calibration=str(cal), calibration_method="percentile", quality_size=4)
+    out = os.path.join(root, "cal")
+    r = subprocess.run([sys.executable, "-m", "bgert.cli", "export", tiny_bge, "--out", out, "-q",
+                        "--precision", "fp32,int8-static", "--calibration", str(cal), "--calibration-method",
+                        "percentile", "--int8-fp32-nodes", "2"], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "int8-static" in r.stdout and "[ok]" in r.stdout
     g = [g for g in manifest(out)["graphs"] if g["precision"] == "int8-static"][0]
     assert g["gate_passed"] and g["recipe"]["calibration_method"] == "percentile"
+    assert len(g["recipe"]["fp32_nodes"]) == 2
     queries = len(prec._bundled(prec.BUNDLED_QUERIES)) // 2  # the other half is held out
     assert g["recipe"]["calibration_texts"] == len(prec.SHORT_CALIBRATION) + 8 + queries  # 8 non-empty lines
 

@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
                   command=command_line())
     os.makedirs(args.out, exist_ok=True)
     name = os.path.basename(os.path.normpath(args.artifact))
+    if result["embedder"]["precision"] != "fp32":  # one file per variant of the same artifact
+        name += "-" + result["embedder"]["precision"]
     if args.reranker:
         name += "+" + os.path.basename(os.path.normpath(args.reranker))
     stem = os.path.join(args.out, f"eval_{name}_{result['dataset']['name']}")

@@ -32,6 +32,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cutoff-layers", type=_ints, help="layerwise rerankers: e.g. 8,16,28")
     p.add_argument("--keep-failed", action="store_true",
                    help="keep precision variants that miss their quality gate (marked failed)")
+    q = p.add_argument_group("int8 calibration and recipe")
+    q.add_argument("--calibration", metavar="FILE",
+                   help="calibration text: .jsonl with title/text fields or .txt, one text per line "
+                        "(default: the bundled SciFact documents)")
+    q.add_argument("--calibration-size", type=int, help="calibration texts used (default 32)")
+    q.add_argument("--calibration-method", choices=["minmax", "percentile"],
+                   help="int8-static activation ranges (default minmax)")
+    q.add_argument("--calibration-percentile", type=float, help="for --calibration-method percentile (99.99)")
+    q.add_argument("--int8-fp32-nodes", type=float,
+                   help="quantizable MatMuls kept fp32, largest int8 error first: a fraction < 1 or a count "
+                        "(default 0.25)")
+    q.add_argument("--static-activations", choices=["uint8", "int8"],
+                   help="int8-static activation type; int8 (symmetric) is what TensorRT takes")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
@@ -39,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
     from bgert.export import export
 
     options = {"normalize": False if args.no_normalize else None, "query_instruction": args.query_instruction,
-               "heads": args.heads, "cutoff_layers": args.cutoff_layers, "keep_failed": args.keep_failed}
+               "heads": args.heads, "cutoff_layers": args.cutoff_layers, "keep_failed": args.keep_failed,
+               "calibration": args.calibration, "calibration_size": args.calibration_size,
+               "calibration_method": args.calibration_method, "calibration_percentile": args.calibration_percentile,
+               "int8_fp32_nodes": args.int8_fp32_nodes, "static_activations": args.static_activations}
     out = export(args.src, args.out, kind=args.kind, max_length=args.max_length, force=args.force,
                  opset=args.opset, optimize_graph=not args.no_optimize, precisions=args.precision,
                  progress=not args.quiet, **{k: v for k, v in options.items() if v is not None})
