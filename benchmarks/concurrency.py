@@ -211,6 +211,7 @@ def plot(result: dict[str, Any], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from bgert.benchmarks.machine import command_line, machine_info
+    from bgert.benchmarks.report import write_report
     from bgert.cli.demo_cmd import sample_texts
     from bgert.runtime import Embedder
 
@@ -265,12 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                           "texts": "SciFact queries sample (bgert.benchmarks/data)"},
               "load_average": {"before": load_before, "after": os.getloadavg()},
               "rows": rows, "targets": targets}
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, args.name)
-    with open(stem + ".json", "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    with open(stem + ".md", "w", encoding="utf-8") as f:
-        f.write(markdown(result))
+    stem = write_report(args.out, args.name, result, markdown(result))
     plot(result, stem + ".png")
     print(markdown(result))
     return 0

@@ -18,7 +18,6 @@ Results: benchmarks/results/layerwise_cutoff.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -143,6 +142,7 @@ def plot(result: dict[str, Any], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from bgert.benchmarks.machine import command_line, machine_info
+    from bgert.benchmarks.report import write_report
     from bgert.cli.demo_cmd import sample_texts
     from bgert.export import export
 
@@ -179,12 +179,7 @@ def main(argv: list[str] | None = None) -> int:
              "times_ms": [t * 1000 for t in times[c]], **sizes[c]} for c in cutoffs]
     result = {"command": command_line(), "machine": machine_info(), "options": vars(args),
               "tokens_per_call": tokens, "rows": rows, "fit": {"a_ms": float(a), "b_ms": float(b), "r2": float(r2)}}
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, args.name)
-    with open(stem + ".json", "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    with open(stem + ".md", "w", encoding="utf-8") as f:
-        f.write(markdown(result))
+    stem = write_report(args.out, args.name, result, markdown(result))
     try:
         plot(result, stem + ".png")
     except ImportError:

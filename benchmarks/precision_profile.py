@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .machine import command_line, machine_info
+from .report import write_report
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -209,12 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": command_line(), "machine": machine_info(), "options": vars(args),
               "artifact_name": manifest.raw.get("source", {}).get("name"), "load_average": [load_before, os.getloadavg()[0]],
               "gemm": gemm, "variants": variants}
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, args.name)
-    with open(stem + ".json", "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    with open(stem + ".md", "w", encoding="utf-8") as f:
-        f.write(markdown(result))
+    write_report(args.out, args.name, result, markdown(result))
     print(markdown(result))
     return 0
 

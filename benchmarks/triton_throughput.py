@@ -112,6 +112,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from bgert.benchmarks.concurrency import export_bundled
     from bgert.benchmarks.machine import command_line, machine_info
+    from bgert.benchmarks.report import write_report
     from bgert.runtime import Embedder
     from bgert.triton_models.repository import write_repository
     from bgert.triton_models.server import TritonServer
@@ -175,12 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                           "docs": len(docs), "queries": len(queries),
                           "queue_delay_us": args.queue_delay_us, "backend": "python (onnxruntime)", "device": "cpu"},
               "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()}, "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, "triton_throughput_cpu")
-    with open(base + ".json", "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    with open(base + ".md", "w", encoding="utf-8") as f:
-        f.write(markdown(result))
+    base = write_report(args.out, "triton_throughput_cpu", result, markdown(result))
     print(f"wrote {base}.json and {base}.md")
     return 0
 

@@ -187,3 +187,20 @@ def test_compare_handles_every_output_shape():
     s = prec.compare({"score": [np.arange(6.0)[:, None]]}, {"score": [np.arange(6.0)[::-1, None]]}, scores=True)
     assert s["score"]["spearman"] == pytest.approx(-1.0)
     assert prec.gate_failures(prec.summarize({"a": s}), {"spearman": 0.98})
+
+
+def test_precision_profile_benchmark(bge_all, tmp_path):
+    """benchmarks/precision_profile on the tiny artifact: GEMMs in every precision, every variant profiled."""
+    from bgert.benchmarks import precision_profile
+
+    assert precision_profile.main(["--artifact", bge_all, "--tokens", "64", "--rounds", "1", "--texts", "4",
+                                   "--threads", "1", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "precision_profile.json").read_text())
+    assert {g["precision"] for g in r["gemm"]} == set(precision_profile.GEMM_KINDS)
+    assert all(g["gflops"] > 0 for g in r["gemm"])
+    variants = {v["precision"]: v for v in r["variants"]}
+    assert {"fp32", "fp16", "int8", "int8-static"} <= set(variants)
+    assert abs(sum(variants["int8"]["op_share_documents"].values()) - 1) < 1e-6
+    assert "DynamicQuantizeMatMul" in variants["int8"]["op_share_documents"] or \
+        "MatMulInteger" in variants["int8"]["op_share_documents"]
+    assert "| int8 |" in (tmp_path / "precision_profile.md").read_text()
