@@ -61,9 +61,18 @@ def graph_runs_well_here(g: Graph) -> bool:
     return not g.extra.get("requires_cpu_flags") or cpu_int8_dot_exact()
 
 
-#: default precision preference when the caller names none, by provider (int8-vnni only where exact)
-CPU_PREFERENCE = (("int8-vnni",) if cpu_int8_dot_exact() else ()) + ("int8", "fp32", "int8-static", "fp16")
+#: default precision preference when the caller names none, by provider (on CPU, only graphs that run
+#: well here count: int8-vnni only where int8 dot products are exact)
+CPU_PREFERENCE = ("int8-vnni", "int8", "fp32", "int8-static", "fp16")
 GPU_PREFERENCE = ("fp16", "fp32", "int8-static", "int8")
+
+
+def default_precision(manifest: Manifest, on_gpu: bool) -> str | None:
+    """The precision used when none is asked for: the provider's first preference among the graphs that
+    passed their gate (on CPU, that also run well here), else any that passed; None when none passed."""
+    prefs = GPU_PREFERENCE if on_gpu else CPU_PREFERENCE
+    passed = {g.precision for g in manifest.graphs if g.gate_passed and (on_gpu or graph_runs_well_here(g))}
+    return next((p for p in (*prefs, *manifest.precisions()) if p in passed), None)
 
 
 #: on the CPU provider a batch costs what its padded tokens cost, whatever its shape: batches are padded
@@ -161,15 +170,10 @@ class BgeModel(BatchedAPI):
                 log.warning("bgert: precision %s needs int8 dot products without saturation (VNNI/AMX); this CPU "
                             "lacks them and its results will be less accurate. Use precision='int8'.", precision)
             return precision
-        prefs = GPU_PREFERENCE if self._on_gpu() else ("int8-vnni", *CPU_PREFERENCE)  # filtered just below
-        passed = {g.precision for g in graphs if g.gate_passed and (self._on_gpu() or graph_runs_well_here(g))}
-        for p in prefs:
-            if p in passed:
-                return p
-        for p in have:
-            if p in passed:
-                return p
-        raise ArtifactError(f"{self.model_dir}: no graph passed its quality gate; re-export the artifact.")
+        chosen = default_precision(self.manifest, self._on_gpu())
+        if chosen is None:
+            raise ArtifactError(f"{self.model_dir}: no graph passed its quality gate; re-export the artifact.")
+        return chosen
 
     def graph(self, **match: Any) -> Graph:
         """The graph of the chosen precision whose fields equal ``match`` (e.g. cutoff_layers)."""

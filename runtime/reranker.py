@@ -21,7 +21,7 @@ import numpy as np
 from .base import BgeModel
 from .batching import Batch, pad
 from .embedder import format_instruction
-from .manifest import ArtifactError, Graph
+from .manifest import ArtifactError, Graph, Manifest
 from .tokenize import TextTokenizer, check_max_length, check_texts
 
 log = logging.getLogger("bgert")
@@ -68,6 +68,15 @@ def trim_second(first_len: int, second: list[int], limit: int, side: str) -> lis
     return second[:-excess] if side == "right" else second[excess:]
 
 
+def check_fits(sequences: Sequence[Sequence[int]], model_max_length: int, what: str = "sentence_pairs") -> None:
+    """Every assembled pair fits the model's positions (only the passage is trimmed, so a long query may not)."""
+    for i, s in enumerate(sequences):
+        if len(s) > model_max_length:
+            raise ValueError(f"{what}[{i}] needs {len(s)} tokens, more than this model's {model_max_length} "
+                             "positions: only the passage is cut to fit max_length, so lower query_max_length "
+                             "(or max_length).")
+
+
 def default_query_max_length(max_length: int) -> int:
     """FlagEmbedding's default query length for rerankers: three quarters of ``max_length``."""
     return max_length * 3 // 4
@@ -80,6 +89,23 @@ def tokenize_sides(tokenizer: TextTokenizer, queries: Sequence[str], passages: S
     sides = tokenizer.encode_pairs(queries, passages)
     cut = any(len(q) > query_max_length or len(p) > max_length for q, p in sides)
     return [(keep_first(q, query_max_length, side), keep_first(p, max_length, side)) for q, p in sides], cut
+
+
+def pair_template(manifest: Manifest) -> tuple[list[int], list[int] | None]:
+    """A cross-encoder's pair template from its manifest: ids with one FIRST and one SECOND placeholder,
+    and the token type ids (None where the model takes none)."""
+    template = manifest.get("pair_template") or {}
+    ids = list(template.get("input_ids") or [])
+    if ids.count(FIRST) != 1 or ids.count(SECOND) != 1:
+        raise ArtifactError(f"{manifest.root}: the manifest's pair_template is missing or damaged; "
+                            "re-export the artifact.")
+    return ids, template.get("token_type_ids")
+
+
+def bos_prefix(manifest: Manifest) -> list[int]:
+    """The id an LLM reranker puts before the query (FlagLLMReranker's bos), or none."""
+    bos = manifest.get("bos_prefix_id")
+    return [] if bos is None else [int(bos)]
 
 
 def assemble_pair(template: Sequence[int], template_types: Sequence[int] | None, query: list[int],
@@ -158,18 +184,11 @@ class _PairReranker(BgeModel):
                         query_max_length, max_length)
         return sides
 
-    def _check_fits(self, sequences: Sequence[Sequence[int]]) -> None:
-        for i, s in enumerate(sequences):
-            if len(s) > self.model_max_length:
-                raise ValueError(f"sentence_pairs[{i}] needs {len(s)} tokens, more than this model's "
-                                 f"{self.model_max_length} positions: only the passage is cut to fit max_length, "
-                                 "so lower query_max_length (or max_length).")
-
     def _run(self, sequences: Sequence[Sequence[int]], graph: Graph, batch_size: int | None,
              extra_inputs: Callable[[Batch, np.ndarray, np.ndarray], dict[str, np.ndarray]] | None = None
              ) -> np.ndarray:
         """Scores of the graph's output for every sequence, in the caller's order ([n] or [n, k])."""
-        self._check_fits(sequences)
+        check_fits(sequences, self.model_max_length)
         out: np.ndarray | None = None
         for batch, (scores,), _ in self._run_batches(sequences, graph, [self.output_name], batch_size,
                                                      self.pad_to_multiple_of, extra_inputs=extra_inputs):
@@ -195,12 +214,7 @@ class Reranker(_PairReranker):
 
     def __init__(self, model_dir: str, **kwargs: Any):
         super().__init__(model_dir, **kwargs)
-        template = self.manifest.get("pair_template") or {}
-        self._template = list(template.get("input_ids") or [])
-        if self._template.count(FIRST) != 1 or self._template.count(SECOND) != 1:
-            raise ArtifactError(f"{self.model_dir}: the manifest's pair_template is missing or damaged; "
-                                "re-export the artifact.")
-        self._template_types = template.get("token_type_ids")
+        self._template, self._template_types = pair_template(self.manifest)
 
     def _assemble(self, query: list[int], passage: list[int], max_length: int) -> tuple[list[int], list[int]]:
         """Special tokens around the pair (the tokenizer's own template), the passage trimmed to fit."""
@@ -240,12 +254,11 @@ class LLMReranker(_PairReranker):
         super().__init__(model_dir, **kwargs)
         self.prompt = prompt
         self.separator = self.manifest.get("separator", "\n")
-        self.bos_prefix = [] if self.manifest.get("bos_prefix_id") is None else [int(self.manifest.get("bos_prefix_id"))]
+        self.bos_prefix = bos_prefix(self.manifest)
 
     def _pieces(self, pairs: list[Pair], query_max_length: int, max_length: int,
                 prompt: str | None) -> list[tuple[list[int], list[int], list[int]]]:
-        """FlagLLMReranker's assembly as (bos+query, sep+passage, sep+prompt) per pair: the passage
-        (with its separator) trimmed to ``max_length + len(sep) + len(prompt)`` overall."""
+        """``llm_pieces`` of these pairs, with the call's prompt, else the constructor's, else the manifest's."""
         prompt = prompt if prompt is not None else self.prompt if self.prompt is not None else self.manifest.get("prompt")
         return llm_pieces(self.tokenizer, self._sides(pairs, query_max_length, max_length), self.bos_prefix,
                           self.separator, prompt, max_length, self.truncation_side)

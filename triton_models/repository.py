@@ -31,11 +31,11 @@ import os
 import shutil
 from typing import Any, Sequence
 
-from bgert.runtime.base import CPU_PREFERENCE, GPU_PREFERENCE
+from bgert.runtime.base import default_precision
 from bgert.runtime.batching import DEFAULT_TOKEN_BUDGET
 from bgert.runtime.m3 import REFERENCE_MAX_LENGTH, sparse_drop_ids
 from bgert.runtime.manifest import ArtifactError, Graph, Manifest, read_manifest
-from bgert.runtime.reranker import FIRST, SECOND, default_query_max_length
+from bgert.runtime.reranker import bos_prefix, default_query_max_length, pair_template
 from bgert.runtime.tokenize import check_max_length
 from bgert.runtime.triton_backend import (PARAM_PRECISION, PARAM_SHA256, default_repo_name, model_step_name,
                                           sanitize_name)
@@ -64,9 +64,7 @@ def choose_graphs(manifest: Manifest, precision: str | None, device: str) -> lis
     """The graphs to serve: of ``precision``, else of the first gate-passed precision preferred on ``device``."""
     have = manifest.precisions()
     if precision is None:
-        passed = {g.precision for g in manifest.graphs if g.gate_passed}
-        prefs = GPU_PREFERENCE if device == "gpu" else CPU_PREFERENCE
-        precision = next((p for p in (*prefs, *have) if p in passed), None)
+        precision = default_precision(manifest, device == "gpu")
         if precision is None:
             raise ArtifactError(f"{manifest.root}: no graph passed its quality gate; re-export the artifact.")
     elif precision not in have:
@@ -189,15 +187,10 @@ def tokenizer_config(name: str, manifest: Manifest, graph_inputs: list, *, insta
                               "length_buckets": json.dumps(manifest.length_buckets)}
     if manifest.kind in PAIR_KINDS:
         if manifest.kind == "reranker":
-            template = manifest.get("pair_template") or {}
-            ids = list(template.get("input_ids") or [])
-            if ids.count(FIRST) != 1 or ids.count(SECOND) != 1:
-                raise ArtifactError(f"{manifest.root}: the manifest's pair_template is missing or damaged; "
-                                    "re-export the artifact.")
-            assembly = {"template": ids, "template_types": template.get("token_type_ids")}
+            ids, types = pair_template(manifest)
+            assembly = {"template": ids, "template_types": types}
         else:
-            bos = manifest.get("bos_prefix_id")
-            assembly = {"bos_prefix": [] if bos is None else [int(bos)], "separator": manifest.get("separator", "\n"),
+            assembly = {"bos_prefix": bos_prefix(manifest), "separator": manifest.get("separator", "\n"),
                         "prompt": manifest.get("prompt")}
         params.update({"assembly": json.dumps(assembly),
                        "pad_to_multiple_of": int(manifest.get("pad_to_multiple_of", 1)),

@@ -59,7 +59,7 @@ class TritonPythonModel:
         """(ids, token types or None) per (QUERY, PASSAGE) row, assembled as bgert.runtime's rerankers do."""
         # imported here: embedder and M3 tokenizers need only tokenize/batching (no onnxruntime import)
         from bgert.runtime.embedder import format_instruction
-        from bgert.runtime.reranker import assemble_pair, llm_pieces, tokenize_sides
+        from bgert.runtime.reranker import assemble_pair, check_fits, llm_pieces, tokenize_sides
 
         queries, passages = (self._texts(request, n) for n in self.input_names)  # Triton checks equal rows
         queries = format_instruction(self.instructions.get("query"), "{}{}", queries)
@@ -75,10 +75,7 @@ class TritonPythonModel:
             ids = [x + y + z for x, y, z in llm_pieces(self.tokenizer, sides, a["bos_prefix"], a["separator"],
                                                        a["prompt"], self.max_length, self.truncation_side)]
             types = None
-        for i, seq in enumerate(ids):
-            if len(seq) > self.model_max_length:
-                raise ValueError(f"pair {i} needs {len(seq)} tokens, more than the model's {self.model_max_length} "
-                                 "positions")
+        check_fits(ids, self.model_max_length, "pair")
         return ids, types
 
     def _tokenize(self, request):

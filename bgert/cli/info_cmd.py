@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bgert.runtime.base import CPU_PREFERENCE, GPU_PREFERENCE
+from bgert.runtime.base import default_precision
 from bgert.runtime.manifest import read_manifest
 
 
@@ -35,10 +35,8 @@ def describe(artifact: str, verify: bool = False) -> str:
         cut = f" cutoff {g.cutoff_layers}" if g.cutoff_layers else ""
         status = "ok" if g.gate_passed else "FAILED GATE"
         lines.append(f"  {g.precision:<12}{cut} {g.file:<28} [{status}] {_fmt_quality(g.quality)}")
-    passed = {g.precision for g in m.graphs if g.gate_passed}
-    for prov, prefs in (("CPU", CPU_PREFERENCE), ("CUDA", GPU_PREFERENCE)):
-        pick = next((p for p in prefs if p in passed), None)
-        lines.append(f"default precision on {prov}: {pick}")
+    for prov, on_gpu in (("CPU", False), ("CUDA", True)):
+        lines.append(f"default precision on {prov}: {default_precision(m, on_gpu)}")
     if verify:
         lines.append("files: all sha256 match")
     return "\n".join(lines)
