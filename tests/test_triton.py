@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import threading
 
 import numpy as np
@@ -21,7 +20,8 @@ from bgert.runtime.manifest import read_manifest
 from bgert.runtime.triton_backend import (TritonBackend, TritonError, TritonTimeoutError, TritonUnavailableError,
                                           model_step_name)
 from bgert.triton_models.repository import preferred_batch_sizes, write_repository
-from bgert.triton_models.server import ServerUnavailable, TritonServer, free_port
+from bgert.triton_models.server import TritonServer, free_port
+from triton_start import start_or_skip
 
 tc_grpc = pytest.importorskip("tritonclient.grpc")
 tc_http = pytest.importorskip("tritonclient.http")
@@ -204,12 +204,7 @@ def triton_server(tiny_bge_art, cross_art, tmp_path_factory):
     write_repository(tiny_bge_art, repo, backend="python", device="cpu", max_batch_size=8, queue_delay_us=2000,
                      threads=1)
     write_repository(cross_art, repo, backend="python", device="cpu", max_batch_size=4, threads=1, ensemble=False)
-    try:
-        server = TritonServer(repo).start(timeout=180)
-    except ServerUnavailable as e:
-        reason = f"tritonserver cannot start here: {e}"
-        print(f"\n[test_triton] SKIP: {reason}", file=sys.__stderr__)
-        pytest.skip(reason)
+    server = start_or_skip(TritonServer(repo), "test_triton")
     yield server
     server.stop()
 

@@ -11,17 +11,17 @@ with FlagEmbedding's PyTorch classes. The server tests skip only when tritonserv
 from __future__ import annotations
 
 import os
-import sys
 import threading
 
 import numpy as np
 import pytest
 
 import tiny_models
+from triton_start import start_or_skip
 from bgert.runtime import LLMReranker, M3Embedder, Reranker
 from bgert.runtime.manifest import read_manifest
 from bgert.triton_models.repository import graph_io, postprocess_config, write_repository
-from bgert.triton_models.server import ServerUnavailable, TritonServer
+from bgert.triton_models.server import TritonServer
 
 tc_grpc = pytest.importorskip("tritonclient.grpc")
 tc_http = pytest.importorskip("tritonclient.http")
@@ -84,12 +84,7 @@ def server(arts, tmp_path_factory):
     repo = str(tmp_path_factory.mktemp("triton_families") / "repo")
     for art in arts.values():
         write_repository(art, repo, backend="python", device="cpu", max_batch_size=4, queue_delay_us=2000, threads=1)
-    try:
-        srv = TritonServer(repo).start(timeout=180)
-    except ServerUnavailable as e:
-        reason = f"tritonserver cannot start here: {e}"
-        print(f"\n[test_triton_families] SKIP: {reason}", file=sys.__stderr__)
-        pytest.skip(reason)
+    srv = start_or_skip(TritonServer(repo), "test_triton_families")
     yield srv
     srv.stop()
 

@@ -30,6 +30,7 @@ pytest.importorskip("tritonclient.http")
 from bgert.runtime.triton_backend import TritonError, TritonTimeoutError, TritonUnavailableError  # noqa: E402
 from bgert.triton_models.repository import write_repository  # noqa: E402
 from bgert.triton_models.server import ServerUnavailable, TritonServer  # noqa: E402
+from triton_start import start_or_skip  # noqa: E402
 
 WORDS = ["panda", "bear", "bamboo", "北京", "Москва", "🐼", "retrieval", "of", "the"]
 SHM_PREFIX = f"bgert_faults_{os.getpid()}_"  # the python backend's shared-memory regions, removed after kills
@@ -73,10 +74,7 @@ def server(tiny_bge_art, tmp_path_factory):
 
 
 def start(srv: Server) -> None:
-    try:
-        srv.start(timeout=240)
-    except ServerUnavailable as e:
-        pytest.skip(f"tritonserver cannot start here: {e}")
+    start_or_skip(srv, "test_triton_faults", timeout=240)
 
 
 @pytest.fixture(scope="module")

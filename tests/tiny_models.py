@@ -38,11 +38,9 @@ def build_wordpiece_tokenizer(out_dir: str, max_length: int = 512):
     """BERT-style: WordPiece, lower-casing, [CLS] x [SEP]. The vocabulary is built here rather than
     trained (WordPiece training breaks ties differently run to run): specials, every character alone
     and as a ``##`` continuation, then every word of CORPUS, sorted, so ids are the same every time."""
-    from tokenizers import normalizers as norm
-    from tokenizers import pre_tokenizers as pre
     from transformers import BertTokenizerFast
 
-    n, p = norm.BertNormalizer(lowercase=True), pre.BertPreTokenizer()
+    n, p = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     words = {w for text in CORPUS for w, _ in p.pre_tokenize_str(n.normalize_str(text))}
     chars = sorted({c for w in words for c in w})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + \
