@@ -23,10 +23,11 @@ import json
 import os
 import sys
 import tempfile
-import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+
+from bgert.cli.demo_cmd import best_of, sample_texts
 
 from .machine import command_line, machine_info
 from .report import write_report
@@ -43,16 +44,6 @@ def _session(path: str, threads: int, profile: str | None = None) -> Any:
     if profile:
         so.enable_profiling, so.profile_file_prefix = True, profile
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-
-def _best(fn: Callable[[], Any], rounds: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def gemm_graph(kind: str, k: int, n: int, path: str) -> None:
@@ -99,7 +90,8 @@ def gemm_ceiling(shapes: list[tuple[int, int]], tokens: int, threads: int, round
                 gemm_graph(kind, k, n, path)
                 sess = _session(path, threads)
                 feed = {"x": x.astype(np.float16) if kind == "fp16" else x}
-                t = _best(lambda: sess.run(None, feed), rounds)
+                sess.run(None, feed)  # warm-up
+                t = best_of(lambda: sess.run(None, feed), rounds)
                 rows.append({"shape": f"{tokens}x{k} @ {k}x{n}", "precision": kind, "ms": t * 1000,
                              "gflops": 2 * tokens * k * n / t / 1e9})
                 print(f"gemm {rows[-1]['shape']} {kind}: {rows[-1]['gflops']:.1f} GFLOP/s", file=sys.stderr)
@@ -178,7 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--name", default="precision_profile")
     args = p.parse_args(argv)
-    from bgert.cli.demo_cmd import sample_texts
     from bgert.runtime import load
     from bgert.runtime.base import graph_runs_well_here
 
@@ -194,11 +185,15 @@ def main(argv: list[str] | None = None) -> int:
         names = [i.name for i in sessions["fp32"].get_inputs()]
         sets = {"documents": variant_feeds(args.artifact, docs[:args.texts], names),
                 "queries": variant_feeds(args.artifact, queries[:args.texts], names)}
+        run_set = lambda sess, batches: [sess.run(None, f) for f in batches]  # noqa: E731
+        for sess in sessions.values():  # warm-up
+            for batches in sets.values():
+                run_set(sess, batches)
         times: dict[tuple[str, str], float] = {}
         for _ in range(args.rounds):  # interleaved: every variant once per round
             for prec, sess in sessions.items():
                 for which, batches in sets.items():
-                    t = _best(lambda: [sess.run(None, f) for f in batches], 1)
+                    t = best_of(lambda: run_set(sess, batches), 1)
                     times[prec, which] = min(times.get((prec, which), float("inf")), t)
         for g in graphs:
             print(f"profiling {g.precision}", file=sys.stderr)

@@ -187,6 +187,15 @@ def _session(path: str, exact: bool = False) -> Any:
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
+def input_names(path: str) -> list[str]:
+    """The graph's inputs, read from the ONNX file without its weights (no session is built for this)."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    return [i.name for i in graph.input if i.name not in weights]
+
+
 def graph_outputs(path: str, batches: Sequence[dict[str, np.ndarray]], exact: bool = False) -> dict[str, list]:
     sess = _session(path, exact)
     names = [o.name for o in sess.get_outputs()]
@@ -298,7 +307,7 @@ def _int8_source(tmp_dir: str, graph: dict[str, Any], hf_tok: Any, raw: dict[str
     tgts = q.targets(model)
     if not tgts:
         raise ExportError(f"{graph['file']} has no MatMul with a constant weight to quantize")
-    names = [i.name for i in _session(path).get_inputs()]
+    names = input_names(path)
     if not set(names) <= set(STANDARD_INPUTS):
         raise ExportError(f"{graph['file']} takes inputs {names}; int8 calibration feeds only "
                           f"{', '.join(STANDARD_INPUTS)}")
@@ -428,7 +437,7 @@ def _measure(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tok: Any, precisio
     failures = []
     for g, entry, exact in items:
         sections: dict[str, Any] = {}
-        names = [i.name for i in _session(os.path.join(tmp_dir, g["file"])).get_inputs()]
+        names = input_names(os.path.join(tmp_dir, g["file"]))
         if set(names) <= set(STANDARD_INPUTS):
             batches = [f for f, _ in feeds(seqs, names, *_pad(raw))]
             ref = _cached(spec, ("fp32 outputs", g["file"]),

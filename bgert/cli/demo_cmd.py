@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 import time
+from typing import Any, Callable
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,7 +38,8 @@ def sample_texts(n: int = 200) -> tuple[list[str], list[str]]:
     return docs, queries
 
 
-def _best_of(fn, repeats: int = 2) -> float:
+def best_of(fn: Callable[[], Any], repeats: int = 2) -> float:
+    """Best wall seconds of ``fn()`` over ``repeats`` calls (warm it up first if it needs one)."""
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
@@ -68,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
         ours = model.encode(texts, batch_size=32)
         ref = st.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True)
         cos = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
-        t_ort = _best_of(lambda: model.encode(texts, batch_size=32))
-        t_pt = _best_of(lambda: st.encode(texts, batch_size=32, normalize_embeddings=True))
+        t_ort = best_of(lambda: model.encode(texts, batch_size=32))
+        t_pt = best_of(lambda: st.encode(texts, batch_size=32, normalize_embeddings=True))
         print(f"{name:>9}: {len(texts)} texts | cosine vs sentence-transformers (PyTorch fp32): "
               f"mean {cos.mean():.7f} min {cos.min():.7f} | bgert {len(texts) / t_ort:7.1f} texts/s, "
               f"PyTorch {len(texts) / t_pt:7.1f} texts/s -> speed ratio {t_pt / t_ort:.2f}x")
