@@ -98,6 +98,11 @@ class Settings:
         s = cls(**{k: options[k] for k in cls.__dataclass_fields__ if options.get(k) is not None})
         if s.calibration_method not in ("minmax", "percentile"):
             raise ExportError(f"calibration_method must be 'minmax' or 'percentile', got {s.calibration_method!r}")
+        if s.int8_fp32_nodes < 0 or s.calibration_size < 1 or s.quality_size < 1:
+            raise ExportError(f"int8_fp32_nodes must be >= 0 (a fraction < 1 or a count) and calibration_size, "
+                              f"quality_size >= 1; got {s.int8_fp32_nodes}, {s.calibration_size}, {s.quality_size}")
+        if not 50 < s.calibration_percentile <= 100:
+            raise ExportError(f"calibration_percentile must lie in (50, 100], got {s.calibration_percentile}")
         if s.static_activations not in ("uint8", "int8"):
             raise ExportError(f"static_activations must be 'uint8' or 'int8', got {s.static_activations!r}")
         if s.calibration is not None and not os.path.isfile(s.calibration):

@@ -137,6 +137,11 @@ def test_keep_failed_marks_and_never_chooses(tiny_bge, root, monkeypatch):
 def test_bad_options(tiny_bge, root):
     with pytest.raises(ExportError, match="unknown precision"):
         export(tiny_bge, os.path.join(root, "bad1"), progress=False, precisions=["int4"])
+    with pytest.raises(ExportError, match="int8_fp32_nodes must be >= 0"):
+        export(tiny_bge, os.path.join(root, "bad3"), progress=False, precisions=["int8"], int8_fp32_nodes=-1)
+    with pytest.raises(ExportError, match="calibration_percentile"):
+        export(tiny_bge, os.path.join(root, "bad4"), progress=False, precisions=["int8-static"],
+               calibration_percentile=101)
     with pytest.raises(ExportError, match="calibration file"):
         export(tiny_bge, os.path.join(root, "bad2"), progress=False, precisions=["int8"], calibration="/nope.txt")
 
