@@ -81,9 +81,9 @@ def load_corpus(data: str) -> tuple[list[str], list[str], str]:
     if not os.path.isfile(data):
         raise BenchError(f"--data {data!r} is neither 'scifact' nor a file (txt: one text per line; jsonl: "
                          "'text' and optional 'title' per record).")
-    from bgert.cli.encode_cmd import read_texts
+    from bgert.export.precision import read_texts
 
-    docs = [t for t in read_texts(data, "text") if t.strip()]
+    docs = [t for t in read_texts(data) if t.strip()]
     if not docs:
         raise BenchError(f"--data {data} holds no text")
     return docs, [], os.path.basename(data)

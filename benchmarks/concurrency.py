@@ -130,7 +130,7 @@ def summarise(mode: str, callers: int, runs: list[tuple[list[float], float, floa
 
 def export_bundled(out: str | None) -> str:
     """The bundled all-MiniLM-L6-v2 exported to ``out`` (reused when a manifest is there)."""
-    from bgert.cli.demo_cmd import bundled_model_dir
+    from bgert.benchmarks.samples import bundled_model_dir
     from bgert.export import export
 
     out = out or os.path.join(tempfile.mkdtemp(prefix="bgert-conc-"), "all-MiniLM-L6-v2")
@@ -212,7 +212,7 @@ def plot(result: dict[str, Any], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     from bgert.benchmarks.machine import command_line, machine_info
     from bgert.benchmarks.report import write_report
-    from bgert.cli.demo_cmd import sample_texts
+    from bgert.benchmarks.samples import sample_texts
     from bgert.runtime import Embedder
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

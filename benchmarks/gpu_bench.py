@@ -53,7 +53,7 @@ HEADLINE = "ort-{dev}-fp16-iobinding"
 def load_texts(corpus: str | None) -> tuple[list[str], list[str]]:
     """(documents, queries): a BEIR corpus.jsonl[.gz] + queries.jsonl beside it, or the bundled sample."""
     if corpus is None:
-        from bgert.cli.demo_cmd import sample_texts
+        from bgert.benchmarks.samples import sample_texts
 
         return sample_texts()
     import gzip
@@ -439,7 +439,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bgert.benchmarks.machine import command_line
-    from bgert.cli.demo_cmd import bundled_model_dir
+    from bgert.benchmarks.samples import bundled_model_dir
 
     if args.device == "cuda":
         import torch

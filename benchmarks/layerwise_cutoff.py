@@ -143,7 +143,7 @@ def plot(result: dict[str, Any], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     from bgert.benchmarks.machine import command_line, machine_info
     from bgert.benchmarks.report import write_report
-    from bgert.cli.demo_cmd import sample_texts
+    from bgert.benchmarks.samples import sample_texts
     from bgert.export import export
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

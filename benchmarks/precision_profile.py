@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bgert.cli.demo_cmd import best_of, sample_texts
+from bgert.benchmarks.samples import best_of, sample_texts
 
 from .machine import command_line, machine_info
 from .report import write_report

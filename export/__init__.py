@@ -1,5 +1,6 @@
 """bgert.export: the heavy side (torch, transformers, onnx). Checkpoint → ONNX artifact."""
 from .detect import ModelInfo, detect
-from .exporter import ExportError, export
+from .errors import ExportError
+from .exporter import export
 
 __all__ = ["ExportError", "ModelInfo", "detect", "export"]

@@ -15,9 +15,10 @@ import socket
 import tempfile
 from typing import Any, Sequence
 
-from bgert.runtime.manifest import MANIFEST_FILE, default_buckets, sha256_file, write_manifest
+from bgert.runtime.manifest import default_buckets, list_files, sha256_file, write_manifest
 
 from .detect import detect
+from .errors import ExportError
 from .onnx_io import DEFAULT_OPSET, export_onnx, optimize
 from .specs import spec_for
 
@@ -25,10 +26,6 @@ log = logging.getLogger("bgert.export")
 
 FP32_GATE = 0.99999
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".json", ".model", ".txt")
-
-
-class ExportError(RuntimeError):
-    """Export could not produce a correct artifact (a quality gate failed, bad source…)."""
 
 
 def resolve_source(src: str) -> str:
@@ -159,7 +156,7 @@ def export(src: str, out: str, *, kind: str = "auto", max_length: int | None = N
                        "onnx": _pkg("onnx"), "onnxruntime": _pkg("onnxruntime"),
                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
         }
-        raw["files"] = _list_files(tmp)
+        raw["files"] = list_files(tmp)
         write_manifest(tmp, raw)
         parity = spec.parity(tmp, hf_tok, "fp32")
         steps("parity")
@@ -173,7 +170,7 @@ def export(src: str, out: str, *, kind: str = "auto", max_length: int | None = N
 
             add_variant(tmp, raw, spec, hf_tok, precision, options)
             steps(precision)
-        raw["files"] = _list_files(tmp)
+        raw["files"] = list_files(tmp)
         write_manifest(tmp, raw)
         steps("write")
         _replace(tmp, out)
@@ -192,16 +189,6 @@ def _gate_fp32(parity: dict[str, Any], gate: float) -> None:
     if "cos_min" not in parity and parity.get("max_abs_diff", 0.0) > 1e-3:
         raise ExportError(f"fp32 export misses its parity gate: max |score diff| against PyTorch "
                           f"{parity['max_abs_diff']:.2e} > 1e-3.")
-
-
-def _list_files(root: str) -> dict[str, str]:
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            rel = os.path.relpath(os.path.join(d, f), root)
-            if rel != MANIFEST_FILE:
-                out[rel] = ""
-    return out
 
 
 def _replace(tmp: str, out: str) -> None:

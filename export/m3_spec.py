@@ -241,7 +241,7 @@ class M3Spec(ExportSpec):
                                            or [1.0]))
         result["max_abs_diff"] = max(result[h]["max_abs_diff"] for h in self.heads)
         if precision == "fp32" and result.get("sparse", {}).get("max_abs_diff", 0.0) > 1e-3:
-            from .exporter import ExportError
+            from .errors import ExportError
 
             raise ExportError(f"fp32 export misses its parity gate: sparse weights differ from PyTorch by "
                               f"{result['sparse']['max_abs_diff']:.2e} > 1e-3. This is a bug: please report it.")

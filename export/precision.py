@@ -46,10 +46,10 @@ import numpy as np
 
 from bgert.runtime.base import cpu_int8_dot_exact
 from bgert.runtime.batching import pad, plan_batches
-from bgert.runtime.manifest import write_manifest
+from bgert.runtime.manifest import list_files, write_manifest
 
 from . import quantize as q
-from .exporter import ExportError, _list_files
+from .errors import ExportError
 from .parity import PARITY_PAIRS, PARITY_TEXTS, score_stats
 
 log = logging.getLogger("bgert.export")
@@ -363,7 +363,7 @@ def add_variant(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tokenizer: Any,
         for p, items in made.items():
             t0 = time.perf_counter()
             raw["graphs"].extend(e for _, e, _ in items)
-            raw["files"] = _list_files(tmp_dir)
+            raw["files"] = list_files(tmp_dir)
             write_manifest(tmp_dir, raw)  # the runtime can now load the variant for spec.parity
             failures += _measure(tmp_dir, raw, spec, hf_tokenizer, p, items, held, s)
             log.info("export: %s measured in %.1fs: %s", p, time.perf_counter() - t0,

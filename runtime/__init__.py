@@ -8,20 +8,13 @@ import os
 from typing import Any
 
 from .backends import ProviderError, resolve_providers
-from .base import BgeModel
+from .base import BgeModel, class_for_kind, register
 from .embedder import Embedder
 from .m3 import M3Embedder
 from .manifest import ArtifactError, Manifest, read_manifest
 from .reranker import LayerwiseReranker, LLMReranker, Reranker
 
-_CLASSES: dict[str, type[BgeModel]] = {"embedder": Embedder}
-
-
-def register(kind: str, cls: type[BgeModel]) -> None:
-    """Make ``load()`` return ``cls`` for artifacts of ``kind`` (each family module calls this)."""
-    _CLASSES[kind] = cls
-
-
+register("embedder", Embedder)
 register("m3", M3Embedder)
 
 
@@ -36,13 +29,6 @@ register("decoder_embedder", DecoderEmbedder)
 from .lightweight import LightweightReranker  # noqa: E402
 
 register("lightweight_reranker", LightweightReranker)
-
-
-def class_for_kind(kind: str) -> type[BgeModel]:
-    if kind not in _CLASSES:
-        raise ArtifactError(f"this bgert has no runtime class for kind {kind!r}; "
-                            f"it serves: {', '.join(sorted(_CLASSES))}. Upgrade bgert.")
-    return _CLASSES[kind]
 
 
 def load(model_dir: str | os.PathLike, **kwargs: Any) -> BgeModel:

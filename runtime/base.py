@@ -22,7 +22,8 @@ from .batching import DEFAULT_TOKEN_BUDGET, Batch, check_buckets, pad, plan_batc
 from .iobinding import bucket_shapes
 from .manifest import ArtifactError, Graph, Manifest, read_manifest
 from .progress import progress
-from .providers import check_backend_options, make_ort_backend
+from .ort_backend import make_ort_backend
+from .providers import check_backend_options
 from .tokenize import TextTokenizer
 
 log = logging.getLogger("bgert")
@@ -100,6 +101,22 @@ def _drop_reference_only_options(options: dict[str, Any]) -> None:
                  "use precision= and providers= to choose the graph and device.", ", ".join(dropped))
 
 
+_CLASSES: dict[str, type["BgeModel"]] = {}
+
+
+def register(kind: str, cls: type["BgeModel"]) -> None:
+    """Make ``load()`` return ``cls`` for artifacts of ``kind`` (bgert.runtime registers each family)."""
+    _CLASSES[kind] = cls
+
+
+def class_for_kind(kind: str) -> type["BgeModel"]:
+    """The runtime class registered for ``kind`` (ArtifactError naming the served kinds otherwise)."""
+    if kind not in _CLASSES:
+        raise ArtifactError(f"this bgert has no runtime class for kind {kind!r}; "
+                            f"it serves: {', '.join(sorted(_CLASSES))}. Upgrade bgert.")
+    return _CLASSES[kind]
+
+
 class BgeModel(BatchedAPI):
     """Base of the runtime classes. Not used directly: see Embedder, M3Embedder, Reranker…
 
@@ -120,8 +137,6 @@ class BgeModel(BatchedAPI):
         _drop_reference_only_options(backend_options)
         self.manifest: Manifest = read_manifest(self.model_dir, verify=verify)
         if self.kinds and self.manifest.kind not in self.kinds:
-            from . import class_for_kind  # the right class to suggest
-
             raise ArtifactError(
                 f"{self.model_dir} holds a {self.manifest.kind!r} model, which {type(self).__name__} "
                 f"does not serve; use bgert.runtime.{class_for_kind(self.manifest.kind).__name__} "

@@ -201,6 +201,18 @@ def verify_files(m: Manifest) -> None:
         raise ArtifactError(next(iter(problems.values())))
 
 
+def list_files(artifact_dir: str) -> dict[str, str]:
+    """Every file under ``artifact_dir`` but the manifest, as ``write_manifest`` expects ``raw['files']``
+    (relative path -> "" until it is hashed)."""
+    out = {}
+    for d, _, files in os.walk(artifact_dir):
+        for f in files:
+            rel = os.path.relpath(os.path.join(d, f), artifact_dir)
+            if rel != MANIFEST_FILE:
+                out[rel] = ""
+    return out
+
+
 def write_manifest(artifact_dir: str, raw: dict[str, Any]) -> str:
     """Write ``manifest.json`` after hashing every file listed in ``raw['files']`` (keys only)."""
     raw = dict(raw)

@@ -6,10 +6,7 @@ into ORT's provider list, or raises ProviderError naming what was asked and what
 TensorRT even where their libraries are missing (and then silently runs on CPU), so each GPU
 provider is probed once per process on a one-node model before it is picked.
 
-``make_ort_backend`` is where a runtime class gets its ORT backend: provider options derived from
-the artifact (TensorRT precision flags, caches and shape profiles; CUDA TF32 off for fp32 graphs,
-CUDA graphs when asked) are merged under the caller's own options, and GPU providers run through
-the IO-binding backend (bgert.runtime.iobinding) unless ``io_binding=False``.
+The ORT backend itself is built by bgert.runtime.ort_backend, above this module and the backends.
 """
 from __future__ import annotations
 
@@ -31,7 +28,7 @@ GPU_PROVIDERS = (TENSORRT, CUDA)
 #: short names accepted anywhere a provider name is
 ALIASES = {"cpu": CPU, "cuda": CUDA, "gpu": CUDA, "tensorrt": TENSORRT, "trt": TENSORRT}
 AUTO_ORDER = (TENSORRT, CUDA, CPU)
-#: keyword arguments of the runtime classes that configure the ORT backend (see make_ort_backend)
+#: keyword arguments of the runtime classes that configure the ORT backend (see bgert.runtime.ort_backend)
 ORT_BACKEND_OPTIONS = ("io_binding", "cuda_graph", "tensorrt_cache_dir", "tensorrt_profiles")
 _GPU_HINT = ("For CUDA/TensorRT install bgert[gpu] (onnxruntime-gpu) in place of onnxruntime, with CUDA and "
              "cuDNN libraries it can load (and TensorRT itself for the TensorRT provider).")
@@ -189,47 +186,3 @@ def check_backend_options(options: Mapping[str, Any]) -> None:
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(unknown)} for backend='ort'; it takes "
                         f"{', '.join(ORT_BACKEND_OPTIONS)}")
-
-
-def make_ort_backend(path: str, manifest: Any, graph: Any, providers: Sequence[ProviderSpec],
-                     sess_options: ort.SessionOptions, shapes: Mapping[int, int], *,
-                     io_binding: bool | None = None, cuda_graph: bool = False,
-                     tensorrt_cache_dir: str | None = None, tensorrt_profiles: str = "single") -> Any:
-    """The ORT backend for ``graph`` of ``manifest``: OrtBackend, or IoBindingBackend on GPUs.
-
-    ``shapes`` maps each padded length (bucket) to the most rows a batch of it holds; it sizes
-    the IO-binding buffers and the TensorRT profiles. ``io_binding=None`` means: on for CUDA and
-    TensorRT, off for CPU. The caller's own provider options always win over derived ones.
-    """
-    from .backends import OrtBackend
-    from .iobinding import IoBindingBackend
-    from .tensorrt import tensorrt_options
-
-    names = provider_names(providers)
-    on_gpu = any(p in GPU_PROVIDERS for p in names)
-    if cuda_graph and not on_gpu:
-        raise ProviderError(f"cuda_graph=True needs the CUDA or TensorRT provider; this model runs on {names}.")
-    if on_gpu:
-        preload_gpu_libraries()
-    if TENSORRT in names and CUDA not in names and CUDA in ort.get_available_providers():
-        providers = [*providers[:names.index(TENSORRT) + 1], CUDA, *providers[names.index(TENSORRT) + 1:]]
-        names = provider_names(providers)  # nodes TensorRT rejects run on CUDA, not on CPU
-    given = [provider_options(providers, p).get("device_id") for p in GPU_PROVIDERS]
-    device_id = int(next((d for d in given if d is not None), 0))
-    full: list[ProviderSpec] = []
-    for name in names:
-        derived: dict[str, Any] = {}
-        if name == CUDA:
-            derived = cuda_options(graph.precision, cuda_graph, device_id)
-        elif name == TENSORRT:
-            derived = tensorrt_options(manifest, graph, shapes, cache_dir=tensorrt_cache_dir,
-                                       profiles=tensorrt_profiles, cuda_graph=cuda_graph, device_id=device_id)
-        merged = {**derived, **provider_options(providers, name)}
-        full.append((name, merged) if merged else name)
-    use_binding = on_gpu if io_binding is None else bool(io_binding)
-    if not use_binding:
-        if cuda_graph:
-            raise ProviderError("cuda_graph=True needs IO binding (fixed input/output addresses); "
-                                "drop io_binding=False.")
-        return OrtBackend(path, full, sess_options)
-    return IoBindingBackend(path, full, sess_options, shapes=shapes, cuda_graph=cuda_graph, device_id=device_id)

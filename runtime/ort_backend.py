@@ -1,0 +1,58 @@
+"""Where a runtime class gets its ORT backend for a graph.
+
+Provider options derived from the artifact (TensorRT precision flags, caches and shape profiles;
+CUDA TF32 off for fp32 graphs, CUDA graphs when asked) are merged under the caller's own options,
+and GPU providers run through the IO-binding backend (bgert.runtime.iobinding) unless
+``io_binding=False``. This module sits above providers, backends, iobinding and tensorrt, which
+never import it.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import onnxruntime as ort
+
+from . import iobinding, tensorrt
+from .backends import OrtBackend
+from .providers import (CUDA, GPU_PROVIDERS, TENSORRT, ProviderError, ProviderSpec, cuda_options,
+                        preload_gpu_libraries, provider_names, provider_options)
+
+
+def make_ort_backend(path: str, manifest: Any, graph: Any, providers: Sequence[ProviderSpec],
+                     sess_options: ort.SessionOptions, shapes: Mapping[int, int], *,
+                     io_binding: bool | None = None, cuda_graph: bool = False,
+                     tensorrt_cache_dir: str | None = None, tensorrt_profiles: str = "single") -> Any:
+    """The ORT backend for ``graph`` of ``manifest``: OrtBackend, or IoBindingBackend on GPUs.
+
+    ``shapes`` maps each padded length (bucket) to the most rows a batch of it holds; it sizes
+    the IO-binding buffers and the TensorRT profiles. ``io_binding=None`` means: on for CUDA and
+    TensorRT, off for CPU. The caller's own provider options always win over derived ones.
+    """
+    names = provider_names(providers)
+    on_gpu = any(p in GPU_PROVIDERS for p in names)
+    if cuda_graph and not on_gpu:
+        raise ProviderError(f"cuda_graph=True needs the CUDA or TensorRT provider; this model runs on {names}.")
+    if on_gpu:
+        preload_gpu_libraries()
+    if TENSORRT in names and CUDA not in names and CUDA in ort.get_available_providers():
+        providers = [*providers[:names.index(TENSORRT) + 1], CUDA, *providers[names.index(TENSORRT) + 1:]]
+        names = provider_names(providers)  # nodes TensorRT rejects run on CUDA, not on CPU
+    given = [provider_options(providers, p).get("device_id") for p in GPU_PROVIDERS]
+    device_id = int(next((d for d in given if d is not None), 0))
+    full: list[ProviderSpec] = []
+    for name in names:
+        derived: dict[str, Any] = {}
+        if name == CUDA:
+            derived = cuda_options(graph.precision, cuda_graph, device_id)
+        elif name == TENSORRT:
+            derived = tensorrt.tensorrt_options(manifest, graph, shapes, cache_dir=tensorrt_cache_dir,
+                                       profiles=tensorrt_profiles, cuda_graph=cuda_graph, device_id=device_id)
+        merged = {**derived, **provider_options(providers, name)}
+        full.append((name, merged) if merged else name)
+    use_binding = on_gpu if io_binding is None else bool(io_binding)
+    if not use_binding:
+        if cuda_graph:
+            raise ProviderError("cuda_graph=True needs IO binding (fixed input/output addresses); "
+                                "drop io_binding=False.")
+        return OrtBackend(path, full, sess_options)
+    return iobinding.IoBindingBackend(path, full, sess_options, shapes=shapes, cuda_graph=cuda_graph, device_id=device_id)
