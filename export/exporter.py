@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections import Counter
 from typing import Any, Sequence
 
 from bgert.runtime.manifest import default_buckets, list_files, sha256_file, write_manifest
@@ -129,10 +130,10 @@ def export(src: str, out: str, *, kind: str = "auto", max_length: int | None = N
                         spec.outputs if plan.output_names is None else
                         {k: v for k, v in spec.outputs.items() if k in plan.output_names}, opset)
         steps("trace")
-        fused = {}
+        fused: dict[str, dict[str, int]] = {}  # per graph file: each graph has its own fusions
         if optimize_graph:
             for plan in plans:
-                fused = optimize(os.path.join(tmp, plan.file), spec.optimizer_model_type)
+                fused[plan.file] = optimize(os.path.join(tmp, plan.file), spec.optimizer_model_type)
         steps("optimize")
         hf_tok.backend_tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         steps("tokenizer")
@@ -149,9 +150,10 @@ def export(src: str, out: str, *, kind: str = "auto", max_length: int | None = N
                         for k, v in spec.outputs.items()],
             "length_buckets": default_buckets(info.max_length),
             "opset": opset,
-            "fused_ops": fused,
+            "fused_ops": dict(sum(map(Counter, fused.values()), Counter())),  # all graphs' (each has its own)
             **spec.manifest_fields(hf_tok),
-            "graphs": [{"file": p.file, "precision": "fp32", **p.fields} for p in plans],
+            "graphs": [{"file": p.file, "precision": "fp32", **p.fields,
+                        **({"fused_ops": fused[p.file]} if fused.get(p.file) else {})} for p in plans],
             "export": {"bgert_version": _version(), "torch": torch.__version__, "transformers": _pkg("transformers"),
                        "onnx": _pkg("onnx"), "onnxruntime": _pkg("onnxruntime"),
                        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},

@@ -26,7 +26,6 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
-from onnxruntime.transformers import optimizer as ort_optimizer
 from onnxruntime.transformers.fusion_options import FusionOptions
 from onnxruntime.transformers.onnx_model_bert import BertOnnxModel
 
@@ -116,6 +115,7 @@ class M3OnnxModel(BertOnnxModel):
     """ORT's BERT fusions with MultiHeadAttention (separate Q/K/V), then the flash switch."""
 
     flash_switches = 0
+    model_type = OPTIMIZER_TYPE  # its name in the manifest's recipes
 
     def optimize(self, options: FusionOptions | None = None, add_dynamic_axes: bool = False) -> None:
         options = FusionOptions("bert")  # this spec decides the fusions: BERT's, with MHA instead of Attention
@@ -143,14 +143,9 @@ class M3OnnxModel(BertOnnxModel):
         return stats
 
 
-# The exporter hands ``optimizer_model_type`` to onnxruntime.transformers.optimize_model, which looks
-# the optimizer class up in this table: registering ours keeps the M3 fusion choices in this module.
-ort_optimizer.MODEL_TYPES.setdefault(OPTIMIZER_TYPE, (M3OnnxModel, "pytorch", 1))
-
-
 class M3Spec(ExportSpec):
     kind = "m3"
-    optimizer_model_type = OPTIMIZER_TYPE
+    optimizer_model_type = M3OnnxModel  # our own fusion class (bgert.export.onnx_io.fuse runs it)
     outputs = {"dense": {0: "batch"}, "sparse": BATCH_SEQ, "colbert": {0: "batch", 1: "colbert_tokens"}}
 
     def __init__(self, info, options):

@@ -50,21 +50,45 @@ def export_onnx(module: torch.nn.Module, sample: dict[str, torch.Tensor], path: 
             os.replace(traced, path)
 
 
-def optimize(path: str, model_type: str | None, num_heads: int = 0, hidden_size: int = 0) -> dict[str, Any]:
-    """Fuse attention / LayerNorm / GELU with onnxruntime.transformers (in place).
+def fuse(path: str, model_type: Any, num_heads: int = 0, hidden_size: int = 0) -> Any:
+    """ORT transformer fusions on the graph at ``path``: an ``onnxruntime.transformers`` OnnxModel with
+    the fusions applied (the file is not changed).
 
-    The fused graph stays portable (opt_level 0: no provider-specific nodes); ORT applies its
-    own session-level optimisations when the runtime loads it. Returns the fused-op counts.
+    ``model_type`` is one of ORT's model types ("bert", …), or a family's own OnnxModel subclass
+    (BGE-M3's), which runs the way ORT runs its own classes (optimize_by_fusion), without adding it
+    to ORT's global table. The fused graph stays portable (opt_level 0: no provider-specific nodes).
     """
-    if model_type is None:
-        return {}
     import onnx
     from onnxruntime.transformers.optimizer import optimize_model
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()):
-        opt = optimize_model(path, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
-                             opt_level=0)
+        if isinstance(model_type, str):
+            return optimize_model(path, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
+                                  opt_level=0)
+        opt = model_type(onnx.load(path), num_heads, hidden_size)
+        opt.optimize()
+        opt.topological_sort()
+        opt.model.producer_name = "onnxruntime.transformers"
+        return opt
+
+
+def fusion_name(model_type: Any) -> str | None:
+    """How the manifest names ``model_type``: ORT's name, or the class's ``model_type`` attribute."""
+    return model_type if model_type is None or isinstance(model_type, str) else model_type.model_type
+
+
+def optimize(path: str, model_type: Any, num_heads: int = 0, hidden_size: int = 0) -> dict[str, Any]:
+    """Fuse attention / LayerNorm / GELU with onnxruntime.transformers (in place, see ``fuse``).
+
+    ORT applies its own session-level optimisations when the runtime loads the graph. Returns the
+    fused-op counts.
+    """
+    if model_type is None:
+        return {}
+    import onnx
+
+    opt = fuse(path, model_type, num_heads, hidden_size)
     stats = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
     external = os.path.getsize(path) > EXTERNAL_DATA_THRESHOLD or any(
         f.endswith(".data") for f in os.listdir(os.path.dirname(path) or "."))

@@ -50,6 +50,7 @@ from bgert.runtime.manifest import list_files, write_manifest
 
 from . import quantize as q
 from .errors import ExportError
+from .onnx_io import fuse, fusion_name
 from .parity import PARITY_PAIRS, PARITY_TEXTS, score_stats
 
 log = logging.getLogger("bgert.export")
@@ -274,16 +275,15 @@ def variant_file(fp32_file: str, precision: str) -> str:
     return f"{root}.{precision}{ext}"
 
 
-def make_fp16(src: str, dst: str, model_type: str | None) -> None:
+def make_fp16(src: str, dst: str, model_type: Any) -> None:
     """Fusions for ``model_type`` (when ORT has them), then float16 with fp32 I/O and FP16_KEEP_FP32 in fp32."""
     import onnx
     from onnxruntime.transformers import float16
     from onnxruntime.transformers.onnx_model import OnnxModel
-    from onnxruntime.transformers.optimizer import optimize_model
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    model = fuse(src, model_type) if model_type else OnnxModel(onnx.load(src))
     with contextlib.redirect_stdout(io.StringIO()):
-        model = optimize_model(src, model_type=model_type, opt_level=0) if model_type else OnnxModel(onnx.load(src))
         block = list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32)
         model.convert_float_to_float16(keep_io_types=True, op_block_list=block,
                                        node_block_list=rotary_nodes(model.model))
@@ -387,7 +387,7 @@ def _build(tmp_dir: str, g: dict[str, Any], work: str, spec: Any, hf_tok: Any, r
         dst = variant_file(g["file"], "fp16")
         make_fp16(src, os.path.join(tmp_dir, dst), spec.optimizer_model_type)
         return [("fp16", {"file": dst, "precision": "fp16", **base,
-                          "recipe": {"fusions": spec.optimizer_model_type, "io": "float32",
+                          "recipe": {"fusions": fusion_name(spec.optimizer_model_type), "io": "float32",
                                      "kept_fp32_ops": list(FP16_KEEP_FP32)}}, None)]
     static = precision == "int8-static"
     model, tgts, calib_feeds = _int8_source(tmp_dir, g, hf_tok, raw, calib)

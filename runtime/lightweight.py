@@ -48,7 +48,9 @@ class LightweightReranker(LLMReranker):
                  compress_ratio: int = 1, compress_layers: Sequence[int] = (8,), **kwargs: Any):
         super().__init__(model_dir, **kwargs)
         m = self.manifest
-        self.tokenizer.padding_side = "right"  # the reference forces right padding (compression needs it)
+        # the reference pads on the right whatever the tokenizer says (compression needs it); the export
+        # stores that side in the manifest, and the tokenizer itself is left as it is
+        self.padding_side = str(m.get("padding_side", "right"))
         self.layout = (int(m.get("start_layer")), int(m.get("num_hidden_layers")), int(m.get("layer_sep", 1)))
         self.combinations = [dict(c) for c in m.get("combinations")]
         self.cutoff_layers, self.compress_ratio, self.compress_layers = cutoff_layers, compress_ratio, compress_layers
@@ -86,6 +88,6 @@ class LightweightReranker(LLMReranker):
         def lengths(batch: Batch, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
             return {"query_lengths": query_lengths[batch.indices], "prompt_lengths": prompt_lengths[batch.indices]}
 
-        scores = self._run([a + b + c for a, b, c in pieces], graph, batch_size, lengths)
+        scores = self._run([a + b + c for a, b, c in pieces], graph, batch_size, lengths, self.padding_side)
         per_layer = [self._finish(scores[:, i], normalize) for i in range(n_cut)]
         return per_layer[0] if n_cut == 1 else per_layer

@@ -185,13 +185,15 @@ class _PairReranker(BgeModel):
         return sides
 
     def _run(self, sequences: Sequence[Sequence[int]], graph: Graph, batch_size: int | None,
-             extra_inputs: Callable[[Batch, np.ndarray, np.ndarray], dict[str, np.ndarray]] | None = None
-             ) -> np.ndarray:
-        """Scores of the graph's output for every sequence, in the caller's order ([n] or [n, k])."""
+             extra_inputs: Callable[[Batch, np.ndarray, np.ndarray], dict[str, np.ndarray]] | None = None,
+             padding_side: str | None = None) -> np.ndarray:
+        """Scores of the graph's output for every sequence, in the caller's order ([n] or [n, k]);
+        padded on ``padding_side``, else the tokenizer's side."""
         check_fits(sequences, self.model_max_length)
         out: np.ndarray | None = None
         for batch, (scores,), _ in self._run_batches(sequences, graph, [self.output_name], batch_size,
-                                                     self.pad_to_multiple_of, extra_inputs=extra_inputs):
+                                                     self.pad_to_multiple_of, padding_side=padding_side,
+                                                     extra_inputs=extra_inputs):
             if out is None:
                 out = np.zeros((len(sequences), *scores.shape[1:]), dtype=np.float32)
             out[batch.indices] = scores

@@ -98,7 +98,10 @@ def precision_flags(precision: str) -> dict[str, str]:
 def tensorrt_options(manifest: Any, graph: Any, shapes: Mapping[int, int], *, cache_dir: str | None = None,
                      profiles: str = "single", cuda_graph: bool = False, device_id: int = 0) -> dict[str, str]:
     """Options for TensorrtExecutionProvider from the manifest, the chosen graph and the buckets."""
-    fused = {k: v for k, v in (manifest.get("fused_ops") or {}).items() if k in CONTRIB_OPS and v}
+    own = graph.extra.get("fused_ops")
+    if own is None:  # artifacts exported before graphs carried their own fusion counts
+        own = manifest.get("fused_ops")
+    fused = {k: v for k, v in (own or {}).items() if k in CONTRIB_OPS and v}
     if fused:
         log.warning("bgert: %s holds ORT-only fused ops (%s) that TensorRT cannot run; they run on the CUDA "
                     "provider between TensorRT engines. Export with optimize_graph=False (bgert export "

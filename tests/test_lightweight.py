@@ -78,3 +78,9 @@ def test_not_exported_combination(model):
         model.compute_score([("q", "p")], cutoff_layers=[1])
     assert model.compute_score([]) == []
     assert model.compute_score([], cutoff_layers=[2, 4]) == [[], []]
+
+
+def test_the_tokenizer_keeps_its_padding_side(model):
+    """Right padding (what the reference forces) is the model's, passed per call: the tokenizer is not changed."""
+    assert model.padding_side == "right"
+    assert model.tokenizer.padding_side == model.manifest.tokenizer_info["padding_side"] == "left"

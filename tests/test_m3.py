@@ -290,3 +290,10 @@ def test_variants_against_flagembedding(m3_variants, flag, precision):
             assert variant_checks.cos_rows(rv, gv) >= low
     if precision != "fp16":
         assert np.abs(ref["dense_vecs"] - got["dense_vecs"]).max() > 1e-5, "identical to fp32: nothing quantized"
+
+
+def test_importing_the_m3_spec_leaves_onnxruntime_alone():
+    """BGE-M3's fusion class is handed to the optimizer by the spec, not registered in ORT's global table."""
+    code = ("import onnxruntime.transformers.optimizer as o; before = dict(o.MODEL_TYPES); "
+            "import bgert.export.m3_spec; assert o.MODEL_TYPES == before, set(o.MODEL_TYPES) - set(before)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -308,3 +308,22 @@ def test_variants_against_flagembedding(variant_arts, flag_cross, flag_gemma, fl
         assert len(got) == len(ref)
         assert variant_checks.spearman(ref, got) >= variant_checks.SPEARMAN_MIN[precision], (ref, got)
         assert int(np.argmax(ref)) == int(np.argmax(got))
+
+
+def test_each_layerwise_graph_keeps_its_own_fusion_counts(minicpm_ckpt, tmp_path, monkeypatch, caplog):
+    """Fusion statistics are per graph (the TensorRT options read the chosen graph's), not the last graph's."""
+    import bgert.export.exporter as exporter
+    from bgert.runtime import tensorrt
+
+    def fake_optimize(path, model_type):  # one 'Attention' per decoder layer the graph holds
+        return {"Attention": sum(n.op_type == "Softmax" for n in onnx.load(path).graph.node)}
+
+    monkeypatch.setattr(exporter, "optimize", fake_optimize)
+    art = export(minicpm_ckpt, str(tmp_path / "lw"), progress=False, cutoff_layers=[2, 4])
+    model = load(art)
+    counts = {g.cutoff_layers[-1]: g.extra["fused_ops"]["Attention"] for g in model.manifest.graphs}
+    assert counts == {2: 2, 4: 4}
+    assert model.manifest.get("fused_ops") == {"Attention": 6}
+    with caplog.at_level("WARNING", logger="bgert"):
+        tensorrt.tensorrt_options(model.manifest, model.graph_for([2]), {16: 1}, cache_dir=str(tmp_path / "trt"))
+    assert "Attention×2" in caplog.text

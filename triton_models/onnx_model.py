@@ -17,29 +17,27 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the vendored bgert.runtime wins
 
 from bgert.runtime.backends import OrtBackend, resolve_providers, session_options  # noqa: E402
+from bgert.triton_models.python_model import model_args  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        cfg = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-        here = os.path.dirname(os.path.abspath(__file__))
+        cfg = model_args(args, __file__)
+        params = cfg.params
         if args.get("model_instance_kind") == "GPU":
             providers = [("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])})]
         else:
             providers = ["CPUExecutionProvider"]
         threads = int(params.get("intra_op_thread_count", "0")) or None
-        self.backend = OrtBackend(os.path.join(here, params["graph_file"]), resolve_providers(providers),
+        self.backend = OrtBackend(os.path.join(cfg.here, params["graph_file"]), resolve_providers(providers),
                                   session_options(threads, 1))
         self.sha256 = params.get("bgert_graph_sha256", "")
-        self.name = cfg["name"]
-        self.input_names = [i["name"] for i in cfg["input"]]
-        self.output_names = [o["name"] for o in cfg["output"]]
+        self.name, self.input_names, self.output_names = cfg.name, cfg.input_names, cfg.output_names
 
     def execute(self, requests):
         responses = [None] * len(requests)
         groups = {}
-        feeds = []
+        feeds = {}  # request index -> its inputs (a refused request has none)
         for i, request in enumerate(requests):
             expected = json.loads(request.parameters() or "{}").get("bgert_graph_sha256")
             if expected and self.sha256 and expected != self.sha256:
@@ -49,7 +47,7 @@ class TritonPythonModel:
                     "artifact, or open the artifact this repository was made from"))
                 continue
             f = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.input_names}
-            feeds.append(f)
+            feeds[i] = f
             groups.setdefault(tuple(a.shape[1:] for a in f.values()), []).append(i)
         for members in groups.values():
             try:

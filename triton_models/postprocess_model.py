@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the vendored b
 
 from bgert.runtime.m3 import colbert_vectors, lexical_weights  # noqa: E402
 from bgert.runtime.reranker import sigmoid  # noqa: E402
+from bgert.triton_models.python_model import model_args  # noqa: E402
 
 
 def pack(rows, fill, dtype):
@@ -38,12 +39,10 @@ def pack(rows, fill, dtype):
 
 class TritonPythonModel:
     def initialize(self, args):
-        cfg = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-        self.kind = params["kind"]
-        self.drop_ids = np.asarray(json.loads(params.get("sparse_drop_ids", "[]")), dtype=np.int64)
-        self.input_names = [i["name"] for i in cfg["input"]]
-        self.output_names = [o["name"] for o in cfg["output"]]
+        cfg = model_args(args, __file__)
+        self.kind = cfg.params["kind"]
+        self.drop_ids = np.asarray(json.loads(cfg.params.get("sparse_drop_ids", "[]")), dtype=np.int64)
+        self.input_names, self.output_names = cfg.input_names, cfg.output_names
 
     def _m3(self, got):
         out = {}

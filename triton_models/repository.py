@@ -266,7 +266,8 @@ def ensemble_config(name: str, tokenizer: str, model: str, manifest: Manifest, g
 
 
 def vendor_runtime(dest: str) -> None:
-    """Copy the installed bgert.runtime modules into ``dest/bgert/runtime`` for python models to import.
+    """Copy the installed bgert.runtime modules into ``dest/bgert/runtime`` (and the python models' shared
+    config reader into ``dest/bgert/triton_models``) for python models to import.
 
     The package ``__init__`` files are replaced by empty ones, so a model imports only the modules it
     names (the tokenizer needs just ``tokenizers``, not onnxruntime).
@@ -279,9 +280,12 @@ def vendor_runtime(dest: str) -> None:
     for f in sorted(os.listdir(src)):
         if f.endswith(".py") and f != "__init__.py":
             shutil.copy2(os.path.join(src, f), pkg)
-    for d in (os.path.join(dest, "bgert"), pkg):
+    models = os.path.join(dest, "bgert", "triton_models")
+    os.makedirs(models, exist_ok=True)
+    shutil.copy2(os.path.join(_HERE, "python_model.py"), models)
+    for d in (os.path.join(dest, "bgert"), pkg, models):
         with open(os.path.join(d, "__init__.py"), "w", encoding="utf-8") as fh:
-            fh.write('"""bgert.runtime modules vendored by `bgert triton-repo` for the python-backend models."""\n')
+            fh.write('"""bgert modules vendored by `bgert triton-repo` for the python-backend models."""\n')
 
 
 def _write_config(model_dir: str, cfg: dict[str, Any]) -> None:

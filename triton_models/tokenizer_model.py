@@ -24,18 +24,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the vendored b
 
 from bgert.runtime.batching import bucket_for, pad  # noqa: E402
 from bgert.runtime.tokenize import TextTokenizer  # noqa: E402
+from bgert.triton_models.python_model import model_args  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        cfg = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-        here = os.path.dirname(os.path.abspath(__file__))
-        self.tokenizer = TextTokenizer(os.path.join(here, "tokenizer.json"), json.loads(params["tokenizer_info"]))
+        cfg = model_args(args, __file__)
+        params = cfg.params
+        self.tokenizer = TextTokenizer(os.path.join(cfg.here, "tokenizer.json"), json.loads(params["tokenizer_info"]))
         self.max_length = int(params["max_length"])
         self.buckets = sorted(json.loads(params["length_buckets"]))
-        self.input_names = [i["name"] for i in cfg["input"]]
-        self.output_names = [o["name"] for o in cfg["output"]]
+        self.input_names, self.output_names = cfg.input_names, cfg.output_names
         self.pairs = "assembly" in params
         self.multiple_of = int(params.get("pad_to_multiple_of", "1"))
         if self.pairs:
