@@ -584,7 +584,7 @@ def open_artifact(ctx: Context, variant: Variant | None = None) -> Any:
     from bgert.runtime import load
 
     v = variant or Variant("probe")
-    opts = ctx.backend_options if v.backend != "ort" else {}
+    opts = ctx.backend_options if v.backend == "triton" else {}
     return load(ctx.artifact, precision=v.precision, backend=v.backend, providers=v.providers,
                 intra_op_num_threads=ctx.threads, verify=False, **opts)  # Run verified the hashes once
 
@@ -668,8 +668,8 @@ class Run:
         self.skipped = [] if precisions else [p for p in have if p not in runnable_precisions(manifest, providers)]
         precisions = list(precisions or [p for p in have if p not in self.skipped])
         for b in backends:
-            if b not in ("ort", "triton"):
-                raise BenchError(f"--backend must be ort or triton, got {b!r}")
+            if b not in ("ort", "openvino", "triton"):
+                raise BenchError(f"--backend must be ort, openvino or triton, got {b!r}")
         self.variants = [Variant("PyTorch fp32", reference=True)]
         self.variants += [Variant(f"bgert {b} {p}", precision=p, backend=b, providers=providers)
                           for b in backends for p in precisions]

@@ -157,11 +157,19 @@ class BgeModel(BatchedAPI):
             self.providers = resolve_providers(providers)
             check_backend_options(backend_options)  # io_binding, cuda_graph, tensorrt_* (bgert.runtime.providers)
             self._sess_options = (intra_op_num_threads, inter_op_num_threads, graph_optimization_level, sess_options)
+        elif backend == "openvino":
+            from .openvino_backend import check_backend_options as check_openvino_options
+
+            if providers not in (None, "cpu", "auto"):
+                raise ValueError(f"backend='openvino' runs on the CPU; drop providers={providers!r}")
+            self.providers = []
+            check_openvino_options(backend_options)  # performance_hint, openvino_cache_dir, openvino_config
+            self._sess_options = (intra_op_num_threads, inter_op_num_threads, graph_optimization_level, sess_options)
         elif backend == "triton":
             self.providers = []
         else:
-            raise ValueError(f"backend must be 'ort' or 'triton', got {backend!r}")
-        if length_buckets is None and backend == "ort" and not self._on_gpu():
+            raise ValueError(f"backend must be 'ort', 'openvino' or 'triton', got {backend!r}")
+        if length_buckets is None and backend in ("ort", "openvino") and not self._on_gpu():
             self.length_buckets = cpu_buckets(self.max_length)
         self.precision = self._choose_precision(precision)
 
@@ -214,6 +222,11 @@ class BgeModel(BatchedAPI):
 
             return TritonBackend(self.manifest, graph, **self._backend_options)
         intra, inter, level, base = self._sess_options
+        if self.backend_name == "openvino":
+            from .openvino_backend import OpenVinoBackend
+
+            return OpenVinoBackend(self.manifest.path(graph.file), graph.precision, num_threads=intra,
+                                   **self._backend_options)
         opts = session_options(intra, inter, level, base)
         shapes = bucket_shapes(self.length_buckets, self.token_budget, self.batch_size)
         return make_ort_backend(self.manifest.path(graph.file), self.manifest, graph, self.providers, opts, shapes,

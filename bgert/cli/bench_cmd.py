@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="PyTorch reference (auto: sentence-transformers for mean-pooling sentence-transformers "
                         "checkpoints, FlagEmbedding otherwise)")
     p.add_argument("--reference-model", help="PyTorch checkpoint for the reference (default: the manifest's source)")
-    p.add_argument("--backend", type=_csv, default=["ort"], help="comma-separated: ort,triton")
+    p.add_argument("--backend", type=_csv, default=["ort"], help="comma-separated: ort,openvino,triton")
     p.add_argument("--precision", type=_csv, help="comma-separated variants (default: every one in the artifact)")
     p.add_argument("--providers", type=_csv, help="ORT providers for bgert's variants (default: cpu)")
     p.add_argument("--triton-url", help="Triton server for --backend triton (host:port)")

@@ -18,7 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--precision", default=None)
     p.add_argument("--providers", default=None, help="comma-separated ORT providers (default: CPU)")
-    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
+    p.add_argument("--backend", default="ort", choices=["ort", "openvino"],
+                   help="ONNX Runtime, or OpenVINO on the CPU (the openvino extra)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (ORT) / inference threads (OpenVINO)")
     p.add_argument("--sparse", action="store_true", help="m3: also write lexical weights (jsonl output)")
     p.add_argument("--colbert", action="store_true", help="m3: also write ColBERT vectors (jsonl output)")
 
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from bgert.runtime import load
 
     providers = args.providers.split(",") if args.providers else None
-    model = load(args.artifact, precision=args.precision, providers=providers,
+    model = load(args.artifact, precision=args.precision, providers=providers, backend=args.backend,
                  intra_op_num_threads=args.threads, show_progress_bar=True)
     texts = read_texts(args.input, args.field)
     fn = model.encode_queries if args.queries else model.encode
