@@ -36,8 +36,8 @@ LAYERS = {
     "runtime": set(),
 }
 #: external packages the runtime may import (besides the standard library): the base install and
-#: the optional Triton client and progress bars
-RUNTIME_EXTERNAL = {"numpy", "onnxruntime", "tokenizers", "tritonclient", "tenacity", "tqdm"}
+#: the optional Triton client, OpenVINO backend and progress bars
+RUNTIME_EXTERNAL = {"numpy", "onnxruntime", "tokenizers", "tritonclient", "openvino", "tenacity", "tqdm"}
 #: what scripts/make_triton_env.sh installs for tritonserver's python backend, plus its own module
 SERVER_EXTERNAL = {"numpy", "onnxruntime", "tokenizers", "triton_python_backend_utils"}
 SERVER_MODELS = ("bgert.triton_models.onnx_model", "bgert.triton_models.tokenizer_model",
