@@ -671,8 +671,11 @@ class Run:
             if b not in ("ort", "openvino", "triton"):
                 raise BenchError(f"--backend must be ort, openvino or triton, got {b!r}")
         self.variants = [Variant("PyTorch fp32", reference=True)]
+        from bgert.runtime.base import graph_backend
+
         self.variants += [Variant(f"bgert {b} {p}", precision=p, backend=b, providers=providers)
-                          for b in backends for p in precisions]
+                          for b in backends for p in precisions  # bf16 is OpenVINO's only
+                          if all(graph_backend(g) in ("any", b) for g in manifest.graphs if g.precision == p)]
         docs, queries, source = load_corpus(data)
         self.data = source
         self.sets = self.family.input_sets(docs, queries, sizes or SIZES, source)

@@ -13,6 +13,10 @@ beside it, measures it and records the result in the manifest entry of the graph
   better but saturates in u8×s8 products on CPUs without VNNI: the runtime picks it only on VNNI CPUs.
 - ``int8-static``: QDQ with activation ranges calibrated on real text (TensorRT's form, also run by the
   CPU provider); MatMul outputs stay float.
+- ``bf16``: no new file: the entry names the fp32 graph with ``backend: openvino`` (OpenVINO reads it with
+  ``INFERENCE_PRECISION_HINT bf16``) and ``requires_cpu_flags`` amx_bf16/avx512_bf16. It is measured
+  against fp32 only on a CPU with one of them and OpenVINO installed; elsewhere it is recorded as not
+  measured (gate_passed false, never a default) and the export goes on.
 
 Quality is measured on held-out text (SciFact sample documents and queries shipped with bgert, and the
 parity texts) against the fp32 graph, output by output: cosine (mean, min) for vectors, Spearman
@@ -55,7 +59,7 @@ from .parity import PARITY_PAIRS, PARITY_TEXTS, score_stats
 
 log = logging.getLogger("bgert.export")
 
-VARIANTS = ("fp16", "int8", "int8-static")
+VARIANTS = ("fp16", "int8", "int8-static", "bf16")
 VNNI = "int8-vnni"
 #: default gates; a metric applies wherever the measured quality reports it
 #: (embedders and M3: cosine per output; rerankers: Spearman and top-5 agreement of the scores)
@@ -64,6 +68,7 @@ DEFAULT_GATES: dict[str, dict[str, float]] = {
     "int8": {"cos_mean": 0.99, "cos_min": 0.97, "spearman": 0.98, "top5_agreement": 0.6},
     VNNI: {"cos_mean": 0.99, "cos_min": 0.97, "spearman": 0.98, "top5_agreement": 0.6},
     "int8-static": {"cos_mean": 0.99, "cos_min": 0.97, "spearman": 0.98, "top5_agreement": 0.6},
+    "bf16": {"cos_mean": 0.9999, "cos_min": 0.999, "spearman": 0.995, "top5_agreement": 0.8},
 }
 GATE_METRICS = ("cos_mean", "cos_min", "spearman", "top5_agreement")
 #: ops float16 conversion leaves in fp32 (besides ORT's own list): norm statistics, reductions, softmax
@@ -351,6 +356,8 @@ def add_variant(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tokenizer: Any,
     s = Settings.from_options(options)
     sources = [g for g in raw["graphs"] if g["precision"] == "fp32"]
     calib, held = text_sets(s, raw["kind"])
+    if precision == "bf16":
+        return _add_bf16(tmp_dir, raw, spec, hf_tokenizer, sources, held, s)
     work = tempfile.mkdtemp(prefix=f".{os.path.basename(tmp_dir)}.{precision}-", dir=os.path.dirname(tmp_dir))
     try:
         made: dict[str, list[tuple[dict[str, Any], dict[str, Any], str | None]]] = {}
@@ -376,6 +383,70 @@ def add_variant(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tokenizer: Any,
                           "(gates={precision: {metric: value}}).")
     for f in failures:
         log.warning("kept (marked failed, never chosen by default): %s", f)
+
+
+def bf16_runs_here() -> str | None:
+    """None when this machine can run and measure the bf16 variant, else why not."""
+    from bgert.runtime.base import BF16_FLAGS, cpu_flags
+    from bgert.runtime.openvino_backend import openvino_available
+
+    if not set(BF16_FLAGS) & cpu_flags():
+        return f"this CPU has none of {', '.join(BF16_FLAGS)}"
+    if not openvino_available():
+        return "openvino is not installed (pip install 'bgert[openvino]')"
+    return None
+
+
+def openvino_outputs(path: str, precision: str, batches: Sequence[dict[str, np.ndarray]]) -> dict[str, list]:
+    """Every output of ``path`` run by OpenVINO with ``precision``'s inference hint, batch by batch."""
+    from bgert.runtime.openvino_backend import OpenVinoBackend
+
+    be = OpenVinoBackend(path, precision)
+    out: dict[str, list] = {n: [] for n in be.output_names}
+    for f in batches:
+        for n, v in zip(be.output_names, be.run(f, be.output_names)):
+            out[n].append(np.asarray(v, dtype=np.float32))
+    return out
+
+
+def _add_bf16(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tok: Any, sources: list[dict[str, Any]],
+              held: Sequence[Any], s: Settings) -> None:
+    """bf16 entries for every fp32 graph (the same file, read by OpenVINO with the bf16 hint), gated against
+    the fp32 graph on ORT where this CPU runs bf16; elsewhere recorded as not measured."""
+    from bgert.runtime.base import BF16_FLAGS
+
+    why_not = bf16_runs_here()
+    scores = raw["kind"] in RERANKER_KINDS
+    seqs = token_ids(hf_tok, held, raw["max_length"])
+    failures = []
+    for g in sources:
+        base = {k: v for k, v in g.items() if k not in ("file", "precision", "quality", "gate_passed")}
+        entry = {"file": g["file"], "precision": "bf16", **base, "backend": "openvino",
+                 "requires_cpu_flags": list(BF16_FLAGS),
+                 "recipe": {"inference_precision_hint": "bf16", "graph": g["file"] + " (the fp32 graph)"}}
+        gate = s.gate("bf16")
+        if why_not:
+            entry["quality"] = {"measured": False, "reason": why_not, "gate": gate}
+            entry["gate_passed"] = False
+            log.warning("export: bf16 recorded but not measured (%s): never chosen by default", why_not)
+        else:
+            path = os.path.join(tmp_dir, g["file"])
+            names = input_names(path)
+            batches = [f for f, _ in feeds(seqs, names, *_pad(raw))]
+            ref = _cached(spec, ("fp32 outputs", g["file"]), lambda: graph_outputs(path, batches))
+            sections = {"vs_fp32": compare(ref, openvino_outputs(path, "bf16", batches), scores),
+                        "held_out": {"texts" if not scores else "pairs": len(seqs)}}
+            summary = summarize(sections)
+            missed = gate_failures(summary, gate)
+            entry["quality"] = {**summary, "gate": gate, "measured_on": _host(cpu_int8_dot_exact()), **sections}
+            entry["gate_passed"] = not missed
+            raw.setdefault("parity", {})["bf16" if len(sources) == 1 else f"bf16:{g['file']}"] = summary
+            if missed:
+                failures.append(f"bf16 ({g['file']}): " + "; ".join(missed))
+        raw["graphs"].append(entry)
+    if failures and not s.keep_failed:
+        raise ExportError("precision variant(s) missed their quality gate:\n  " + "\n  ".join(failures))
+    raw["files"] = list_files(tmp_dir)
 
 
 def _build(tmp_dir: str, g: dict[str, Any], work: str, spec: Any, hf_tok: Any, raw: dict[str, Any],

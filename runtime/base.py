@@ -7,7 +7,6 @@ becomes token ids and how graph outputs become the user's result.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import platform
@@ -19,6 +18,7 @@ import numpy as np
 from .backends import Backend, ProviderSpec, provider_names, resolve_providers, session_options
 from .batcher import BatchedAPI
 from .batching import DEFAULT_TOKEN_BUDGET, Batch, check_buckets, pad, plan_batches
+from .cpu import cpu_flags
 from .iobinding import bucket_shapes
 from .manifest import ArtifactError, Graph, Manifest, read_manifest
 from .progress import progress
@@ -30,19 +30,6 @@ log = logging.getLogger("bgert")
 
 #: x86 CPU flags whose int8 dot products (u8×s8) accumulate without saturating
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def cpu_int8_dot_exact() -> bool:
@@ -57,22 +44,50 @@ def cpu_int8_dot_exact() -> bool:
     return bool(cpu_flags() & set(INT8_DOT_FLAGS))
 
 
+#: x86 CPU flags with native bf16 arithmetic; OpenVINO's bf16 variant is offered only where one is present
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
 def graph_runs_well_here(g: Graph) -> bool:
-    """False for graphs that need CPU flags this CPU lacks (``requires_cpu_flags`` in the manifest)."""
-    return not g.extra.get("requires_cpu_flags") or cpu_int8_dot_exact()
+    """False for graphs that need CPU flags this CPU lacks (``requires_cpu_flags`` in the manifest: any one
+    of them suffices; the int8 dot-product flags go through cpu_int8_dot_exact and its override)."""
+    need = set(g.extra.get("requires_cpu_flags") or ())
+    if not need:
+        return True
+    if need <= set(INT8_DOT_FLAGS):
+        return cpu_int8_dot_exact()
+    return bool(need & cpu_flags())
 
 
-#: default precision preference when the caller names none, by provider (on CPU, only graphs that run
-#: well here count: int8-vnni only where int8 dot products are exact)
+def graph_backend(g: Graph) -> str:
+    """The backend a graph entry is for: ``any`` (ONNX graphs every backend runs) or the one it names
+    (the ``bf16`` entry reads model.onnx with OpenVINO's bf16 hint: ``openvino``)."""
+    return str(g.extra.get("backend", "any"))
+
+
+#: default precision preference when the caller names none and nothing was measured here (bgert tune), by
+#: provider / backend (on CPU, only graphs that run well here count: int8-vnni only where int8 dot products
+#: are exact, bf16 only with AMX-BF16 / AVX512-BF16)
 CPU_PREFERENCE = ("int8-vnni", "int8", "fp32", "int8-static", "fp16")
 GPU_PREFERENCE = ("fp16", "fp32", "int8-static", "int8")
+OPENVINO_PREFERENCE = ("bf16", "fp32")
 
 
-def default_precision(manifest: Manifest, on_gpu: bool) -> str | None:
-    """The precision used when none is asked for: the provider's first preference among the graphs that
-    passed their gate (on CPU, that also run well here), else any that passed; None when none passed."""
-    prefs = GPU_PREFERENCE if on_gpu else CPU_PREFERENCE
-    passed = {g.precision for g in manifest.graphs if g.gate_passed and (on_gpu or graph_runs_well_here(g))}
+def default_precision(manifest: Manifest, on_gpu: bool, backend: str = "ort",
+                      tuning: dict[str, Any] | None = None) -> str | None:
+    """The precision used when none is asked for: the fastest one measured on this machine for ``backend``
+    (``tuning``, see bgert.runtime.tuning) among the graphs that passed their gate and run well here, else
+    the backend's first preference among those, else any that passed; None when none passed."""
+    from .tuning import fastest
+
+    prefs = GPU_PREFERENCE if on_gpu else OPENVINO_PREFERENCE if backend == "openvino" else CPU_PREFERENCE
+    passed = {g.precision for g in manifest.graphs if g.gate_passed and (on_gpu or graph_runs_well_here(g))
+              and graph_backend(g) in ("any", backend)}
+    if backend == "openvino":
+        passed &= set(OPENVINO_PREFERENCE)  # ORT's int8/fp16 graphs are ORT's
+    measured = None if on_gpu else fastest(tuning, backend, sorted(passed))
+    if measured is not None:
+        return measured["precision"]
     return next((p for p in (*prefs, *manifest.precisions()) if p in passed), None)
 
 
@@ -149,6 +164,13 @@ class BgeModel(BatchedAPI):
         self.batch_size = int(batch_size)
         self.length_buckets = check_buckets(length_buckets or self.manifest.length_buckets, self.max_length)
         self.show_progress_bar = show_progress_bar
+        self.tuning = None
+        if backend == "auto":  # the fastest variant measured here (bgert tune), else ORT
+            from .tuning import fastest, read_tuning
+
+            self.tuning = read_tuning(self.model_dir, intra_op_num_threads)
+            best = fastest(self.tuning, None, [precision] if precision else self.manifest.precisions())
+            backend = best["backend"] if best else "ort"
         self.backend_name = backend
         self._backend_options = backend_options
         self._lock = threading.Lock()
@@ -179,6 +201,10 @@ class BgeModel(BatchedAPI):
 
     def _choose_precision(self, precision: str | None) -> str:
         graphs = self.manifest.graphs
+        wrong = {graph_backend(g) for g in graphs if g.precision == precision} - {"any", self.backend_name}
+        if precision is not None and wrong:
+            raise ValueError(f"precision {precision!r} runs on backend={sorted(wrong)[0]!r}; "
+                             f"load the artifact with backend={sorted(wrong)[0]!r}.")
         have = self.manifest.precisions()
         if not graphs:
             raise ArtifactError(f"{self.model_dir}: the manifest lists no graphs; re-export the artifact.")
@@ -193,7 +219,11 @@ class BgeModel(BatchedAPI):
                 log.warning("bgert: precision %s needs int8 dot products without saturation (VNNI/AMX); this CPU "
                             "lacks them and its results will be less accurate. Use precision='int8'.", precision)
             return precision
-        chosen = default_precision(self.manifest, self._on_gpu())
+        if self.tuning is None and self.backend_name in ("ort", "openvino") and not self._on_gpu():
+            from .tuning import read_tuning
+
+            self.tuning = read_tuning(self.model_dir, self._sess_options[0])
+        chosen = default_precision(self.manifest, self._on_gpu(), self.backend_name, self.tuning)
         if chosen is None:
             raise ArtifactError(f"{self.model_dir}: no graph passed its quality gate; re-export the artifact.")
         return chosen

@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("bgert.cli.export_cmd", "export a BGE checkpoint to an ONNX artifact"),
     "info": ("bgert.cli.info_cmd", "show an artifact's manifest"),
     "encode": ("bgert.cli.encode_cmd", "embed texts from a file or stdin"),
+    "tune": ("bgert.cli.tune_cmd", "measure which gated variant is fastest here and make it this machine's default"),
     "demo": ("bgert.cli.demo_cmd", "export the bundled all-MiniLM-L6-v2, check parity and speed"),
     "doctor": ("bgert.cli.doctor_cmd", "check providers, CPU features, versions, and an artifact's integrity"),
     "triton-repo": ("bgert.cli.triton_repo_cmd", "write a Triton model repository for an artifact"),

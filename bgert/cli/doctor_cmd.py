@@ -163,6 +163,9 @@ def check_artifact(path: str, providers: list[str] | None = None, precision: str
                   f"{g.file}: {q or 'no quality recorded'}"
                   + ("" if g.gate_passed else " (missed its quality gate at export; used only if asked for)"))
         if not problems:
+            from bgert.runtime.autotune import explain
+
+            check("variant", "ok", explain(path))
             try:
                 check("inference", "ok", test_inference(load(path, providers=providers, precision=precision,
                                                               verify=False)))

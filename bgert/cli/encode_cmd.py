@@ -18,8 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--precision", default=None)
     p.add_argument("--providers", default=None, help="comma-separated ORT providers (default: CPU)")
-    p.add_argument("--backend", default="ort", choices=["ort", "openvino"],
-                   help="ONNX Runtime, or OpenVINO on the CPU (the openvino extra)")
+    p.add_argument("--backend", default="auto", choices=["auto", "ort", "openvino"],
+                   help="auto: the fastest variant `bgert tune` measured here, else ORT; or ONNX Runtime, or "
+                        "OpenVINO on the CPU (the openvino extra)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (ORT) / inference threads (OpenVINO)")
     p.add_argument("--sparse", action="store_true", help="m3: also write lexical weights (jsonl output)")
     p.add_argument("--colbert", action="store_true", help="m3: also write ColBERT vectors (jsonl output)")

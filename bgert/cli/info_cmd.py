@@ -6,6 +6,7 @@ import json
 
 from bgert.runtime.base import default_precision
 from bgert.runtime.manifest import read_manifest
+from bgert.runtime.autotune import explain
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +38,7 @@ def describe(artifact: str, verify: bool = False) -> str:
         lines.append(f"  {g.precision:<12}{cut} {g.file:<28} [{status}] {_fmt_quality(g.quality)}")
     for prov, on_gpu in (("CPU", False), ("CUDA", True)):
         lines.append(f"default precision on {prov}: {default_precision(m, on_gpu)}")
+    lines.append(f"this machine gets: {explain(artifact)}")
     if verify:
         lines.append("files: all sha256 match")
     return "\n".join(lines)
