@@ -1,5 +1,5 @@
 """Online serving: many concurrent callers, each sending one short text, with and without the
-micro-batcher (bgert.runtime.batcher), on the bundled all-MiniLM-L6-v2 on CPU.
+token-counted queue (bgert.runtime.token_queue), on the bundled all-MiniLM-L6-v2 on CPU.
 
     python -m bgert.benchmarks.concurrency                       # 1, 8, 64, 256 callers, 4 s each
     python -m bgert.benchmarks.concurrency --callers 64 --seconds 10 --max-wait-ms 2
@@ -100,7 +100,7 @@ def measure(model: Any, mode: str, callers: int, seconds: float, warmup: float, 
 
     if warmup > 0:
         once(warmup)
-    batcher = model.start_batcher(max_wait_ms=max_wait_ms) if mode != "per-call" else None  # fresh counters
+    batcher = model.start_queue(max_wait_ms=max_wait_ms) if mode != "per-call" else None  # fresh counters
     cpu = time.process_time()
     lat, wall = once(seconds)
     cpu = time.process_time() - cpu
@@ -119,7 +119,7 @@ def summarise(mode: str, callers: int, runs: list[tuple[list[float], float, floa
     if mode != "per-call":
         stats = [r[3] for r in runs]
         calls = sum(st["calls"] for st in stats)
-        run_ms = np.asarray([c[2] for st in stats for c in st["recent_calls"]]) * 1000.0  # last <= 4096 per round
+        run_ms = np.asarray([c[3] for st in stats for c in st["recent_calls"]]) * 1000.0  # last <= 4096 per round
         p50 = float(np.percentile(run_ms, 50))
         row.update(model_calls=calls, items_per_call=sum(st["items"] for st in stats) / calls,
                    batch_run_p50_ms=p50, batch_run_p90_ms=float(np.percentile(run_ms, 90)),
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     art = export_bundled(args.artifact)
     _, queries = sample_texts()
     model = Embedder(art, precision=args.precision, intra_op_num_threads=threads)
-    batcher = model.start_batcher(max_wait_ms=args.max_wait_ms)
+    batcher = model.start_queue(max_wait_ms=args.max_wait_ms)
     load_before = os.getloadavg()
     rows = []
     for c in callers:

@@ -3,7 +3,9 @@
 ``BgeModel`` loads and checks an artifact (manifest, tokenizer, graphs), picks the graph for the
 requested precision and provider, and runs token sequences through it in token-budget batches
 (bgert.runtime.batching). Family classes (Embedder, M3Embedder, rerankers) only say how text
-becomes token ids and how graph outputs become the user's result.
+becomes token ids and how graph outputs become the user's result: each request-level method is a
+prepare step returning a ``Request`` (bgert.runtime.request), which ``execute`` runs at once and
+the token-counted queue (bgert.runtime.token_queue) runs in batches shared with other callers.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from typing import Any, ClassVar, Iterator, Sequence
 import numpy as np
 
 from .backends import Backend, ProviderSpec, provider_names, resolve_providers, session_options
-from .batcher import BatchedAPI
 from .batching import DEFAULT_TOKEN_BUDGET, Batch, check_buckets, pad, plan_batches
 from .cpu import cpu_flags
 from .iobinding import bucket_shapes
@@ -24,6 +25,8 @@ from .manifest import ArtifactError, Graph, Manifest, read_manifest
 from .progress import progress
 from .ort_backend import make_ort_backend
 from .providers import check_backend_options
+from .request import Item, Job, Request
+from .token_queue import QueuedAPI
 from .tokenize import TextTokenizer
 
 log = logging.getLogger("bgert")
@@ -132,11 +135,11 @@ def class_for_kind(kind: str) -> type["BgeModel"]:
     return _CLASSES[kind]
 
 
-class BgeModel(BatchedAPI):
+class BgeModel(QueuedAPI):
     """Base of the runtime classes. Not used directly: see Embedder, M3Embedder, Reranker…
 
-    Every class also gets the online-serving API of bgert.runtime.batcher: ``a<method>``
-    coroutines (``aencode``, ``acompute_score``…), ``submit()``, ``start_batcher()``, ``close()``.
+    Every class also gets the online-serving API of bgert.runtime.token_queue: ``a<method>``
+    coroutines (``aencode``, ``acompute_score``…), ``submit()``, ``start_queue()``, ``close()``.
     """
 
     kinds: ClassVar[tuple[str, ...]] = ()
@@ -288,6 +291,65 @@ class BgeModel(BatchedAPI):
             if extra_inputs is not None:
                 feeds.update(extra_inputs(batch, ids, mask))
             yield batch, backend.run(feeds, output_names), mask
+
+    # ---- requests: prepare (tokenise) → run items → finish -------------------------------------
+    def job(self, graph: Graph, outputs: Sequence[str], multiple_of: int = 1, padding_side: str | None = None) -> Job:
+        """The ``Job`` that runs items through ``graph`` for ``outputs``."""
+        return Job(graph.file, tuple(outputs), multiple_of, padding_side)
+
+    def check_ids(self, sequences: Any) -> list[list[int]]:
+        """Token id lists as given by a caller: ints within the vocabulary, at most max_length each
+        (an id past the embedding table would fail deep inside the graph)."""
+        if isinstance(sequences, (str, bytes, dict)) or not hasattr(sequences, "__iter__"):
+            raise TypeError(f"token ids must be a list of lists of int, got {type(sequences).__name__}")
+        vocab = self.tokenizer.vocab_size
+        out = []
+        for i, seq in enumerate(sequences):
+            if isinstance(seq, (str, bytes, dict)) or not hasattr(seq, "__iter__"):
+                raise TypeError(f"token ids[{i}] is {type(seq).__name__}, expected a list of int")
+            seq = list(seq)
+            bad = next((t for t in seq if isinstance(t, bool) or not isinstance(t, (int, np.integer))
+                        or not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"token ids[{i}] holds {bad!r}, not a token id of this model (0..{vocab - 1})")
+            if not 1 <= len(seq) <= self.max_length:
+                raise ValueError(f"token ids[{i}] has {len(seq)} tokens; this model takes 1..{self.max_length}")
+            out.append([int(t) for t in seq])
+        return out
+
+    def execute(self, request: Request) -> Any:
+        """Run a prepared request at once, in the calling thread (the public methods do this)."""
+        return request.finish(self.run_items(request.job, request.items, request.batch_size))
+
+    def run_items(self, job: Job, items: Sequence[Item], batch_size: int | None = None) -> list[Any]:
+        """One row per pre-tokenised item (``_rows``), in order, run in token-budget batches."""
+        graph = next(g for g in self.manifest.graphs if g.file == job.graph)
+        seqs = [it.ids for it in items]
+        names = sorted({k for it in items for k in (it.extra or {})})
+        side = job.padding_side or self.tokenizer.padding_side
+
+        def extra_inputs(batch: Batch, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+            feeds = {}
+            for name in names:
+                values = [items[i].extra[name] for i in batch.indices]
+                feeds[name] = (np.asarray(values, dtype=np.int64) if np.ndim(values[0]) == 0
+                               else pad(values, ids.shape[1], 0, side)[0])
+            return feeds
+
+        rows: list[Any] = [None] * len(items)
+        for batch, outs, mask in self._run_batches(seqs, graph, job.outputs, batch_size, job.multiple_of, side,
+                                                   extra_inputs=extra_inputs if names else None):
+            for i, row in zip(batch.indices, self._rows(job, outs, mask, [seqs[i] for i in batch.indices])):
+                rows[i] = row
+        return rows
+
+    def _rows(self, job: Job, outputs: list[np.ndarray], mask: np.ndarray,
+              sequences: list[Sequence[int]]) -> list[Any]:
+        """Per row of a batch: its slice of the one output (a tuple of slices for several outputs).
+        A family whose outputs have a token axis trims them here (M3)."""
+        if len(outputs) == 1:
+            return list(outputs[0].copy())
+        return [tuple(o[j].copy() for o in outputs) for j in range(mask.shape[0])]
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.model_dir!r}, kind={self.manifest.kind}, precision={self.precision}, "

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
 from .embedder import Embedder
+from .request import Request, request_method
 from .tokenize import check_max_length, check_texts
 
 Example = Mapping[str, str]
@@ -122,10 +121,11 @@ class DecoderEmbedder(Embedder):
         cut = self.tokenizer.encode(texts, budget, add_special_tokens=False)
         return self.tokenizer.encode([prefix + self._decode(ids) + self.suffix for ids in cut], full_max)
 
+    @request_method
     def encode_queries(self, queries: str | Sequence[str], batch_size: int | None = None,
                        max_length: int | None = None, convert_to_numpy: bool = True, *,
                        instruction: str | None = None, examples: Sequence[Example] | None = None,
-                       **kwargs: Any) -> Any:
+                       **kwargs: Any) -> Request:
         """Embed queries with the instruction (per call, else the constructor's) and, for ICL models,
         the in-context examples (per call, else the constructor's / set_examples')."""
         instruction = instruction if instruction is not None else self.query_instruction_for_retrieval
@@ -134,26 +134,11 @@ class DecoderEmbedder(Embedder):
             raise ValueError("examples= only applies to in-context-learning (ICL) embedders such as bge-en-icl; "
                              "this artifact was exported without icl.")
         texts, single = check_texts(queries)
+        cut = False
         if self.icl:
             seqs = self.icl_sequences(texts, max_length,
                                       examples if examples is not None else self.examples_for_task, instruction)
         else:
-            seqs = self.tokenizer.encode(with_instruction(instruction, self.query_instruction_format, texts),
-                                         max_length)
-        return self.encode_ids(seqs, single, batch_size, convert_to_numpy, **kwargs)
-
-    def encode_ids(self, sequences: list[list[int]], single: bool = False, batch_size: int | None = None,
-                   convert_to_numpy: bool = True, normalize_embeddings: bool | None = None, **_: Any) -> Any:
-        """Vectors of ready token sequences, in order ([n, dim], or 1-D when ``single``)."""
-        normalize = self.normalize_embeddings if normalize_embeddings is None else normalize_embeddings
-        if self.graph_normalizes and not normalize:
-            raise ValueError("this artifact's graph outputs L2-normalised vectors; re-export with "
-                             "`bgert export ... --no-normalize` to get raw pooled vectors.")
-        out = np.zeros((len(sequences), self.dim), dtype=np.float32)
-        for batch, (vecs,), _ in self._run_batches(sequences, self.graph(), [self.output_name], batch_size):
-            out[batch.indices] = vecs
-        if normalize and not self.graph_normalizes:
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        if single:
-            return out[0] if convert_to_numpy else list(out)[0]
-        return out if convert_to_numpy else list(out)
+            seqs, cut = self.tokenizer.encode_checked(
+                with_instruction(instruction, self.query_instruction_format, texts), max_length)
+        return self._vectors(seqs, single, batch_size, convert_to_numpy, kwargs.pop("normalize_embeddings", None), cut)

@@ -6,6 +6,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .base import BgeModel
+from .request import Item, Request, request_method
 from .tokenize import check_max_length, check_texts
 
 
@@ -47,9 +48,10 @@ class Embedder(BgeModel):
     def dim(self) -> int:
         return int(self.manifest.get("dim"))
 
+    @request_method
     def encode(self, sentences: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None,
                convert_to_numpy: bool = True, normalize_embeddings: bool | None = None,
-               instruction: str | None = None, instruction_format: str = "{}{}", **_: Any) -> Any:
+               instruction: str | None = None, instruction_format: str = "{}{}", **_: Any) -> Request:
         """Embed ``sentences``: a str gives a 1-D float32 vector, a list a [n, dim] array.
 
         ``max_length`` counts special tokens and any instruction (default: the passage max length,
@@ -58,30 +60,46 @@ class Embedder(BgeModel):
         texts, single = check_texts(sentences)
         texts = format_instruction(instruction, instruction_format, texts)
         max_length = check_max_length(max_length or self.passage_max_length, self.max_length)
+        seqs, cut = self.tokenizer.encode_checked(texts, max_length)
+        return self._vectors(seqs, single, batch_size, convert_to_numpy, normalize_embeddings, cut)
+
+    @request_method
+    def encode_ids(self, sequences: Sequence[Sequence[int]], single: bool = False, batch_size: int | None = None,
+                   convert_to_numpy: bool = True, normalize_embeddings: bool | None = None) -> Request:
+        """Vectors of ready token sequences (special tokens included), in order ([n, dim], or 1-D when
+        ``single``); ValueError for an id outside the vocabulary or a sequence over the max length."""
+        return self._vectors(self.check_ids(sequences), single, batch_size, convert_to_numpy, normalize_embeddings)
+
+    def _vectors(self, sequences: list[list[int]], single: bool, batch_size: int | None, convert_to_numpy: bool,
+                 normalize_embeddings: bool | None, truncated: bool = False) -> Request:
+        """The request embedding these token sequences."""
         normalize = self.normalize_embeddings if normalize_embeddings is None else normalize_embeddings
         if self.graph_normalizes and not normalize:
             raise ValueError("this artifact's graph outputs L2-normalised vectors; re-export with "
                              "`bgert export ... --no-normalize` to get raw pooled vectors.")
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        seqs = self.tokenizer.encode(texts, max_length)
-        graph = self.graph()
-        for batch, (vecs,), _ in self._run_batches(seqs, graph, [self.output_name], batch_size):
-            out[batch.indices] = vecs
-        if normalize and not self.graph_normalizes:
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        if single:
-            return out[0] if convert_to_numpy else list(out)[0]
-        return out if convert_to_numpy else list(out)
 
+        def finish(rows: list[np.ndarray]) -> Any:
+            out = np.stack(rows) if rows else np.zeros((0, self.dim), dtype=np.float32)
+            if normalize and not self.graph_normalizes:
+                out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+            if single:
+                return out[0] if convert_to_numpy else list(out)[0]
+            return out if convert_to_numpy else list(out)
+
+        return Request(self.job(self.graph(), [self.output_name]), [Item(s) for s in sequences], finish,
+                       truncated=truncated, batch_size=batch_size)
+
+    @request_method
     def encode_queries(self, queries: str | Sequence[str], batch_size: int | None = None,
-                       max_length: int | None = None, convert_to_numpy: bool = True, **kwargs: Any) -> Any:
+                       max_length: int | None = None, convert_to_numpy: bool = True, **kwargs: Any) -> Request:
         """Embed queries with the query instruction (manifest default, or the constructor's)."""
-        return self.encode(queries, batch_size=batch_size, max_length=max_length or self.query_max_length,
-                           convert_to_numpy=convert_to_numpy, instruction=self.query_instruction_for_retrieval,
-                           instruction_format=self.query_instruction_format, **kwargs)
+        return self.prepare("encode", queries, batch_size=batch_size, max_length=max_length or self.query_max_length,
+                            convert_to_numpy=convert_to_numpy, instruction=self.query_instruction_for_retrieval,
+                            instruction_format=self.query_instruction_format, **kwargs)
 
+    @request_method
     def encode_corpus(self, corpus: str | Sequence[str], batch_size: int | None = None,
-                      max_length: int | None = None, convert_to_numpy: bool = True, **kwargs: Any) -> Any:
+                      max_length: int | None = None, convert_to_numpy: bool = True, **kwargs: Any) -> Request:
         """Embed passages (no instruction), like FlagModel.encode_corpus."""
-        return self.encode(corpus, batch_size=batch_size, max_length=max_length or self.passage_max_length,
-                           convert_to_numpy=convert_to_numpy, **kwargs)
+        return self.prepare("encode", corpus, batch_size=batch_size, max_length=max_length or self.passage_max_length,
+                            convert_to_numpy=convert_to_numpy, **kwargs)

@@ -14,9 +14,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .batching import Batch
 from .manifest import Graph
 from .reranker import LLMReranker, Pair, check_pairs
+from .request import Item, Request, request_method
 
 
 def canonical(cutoff_layers: Any, compress_ratio: Any, compress_layers: Any, start_layer: int, num_layers: int,
@@ -66,11 +66,12 @@ class LightweightReranker(LLMReranker):
                          f"compress_layers={combo['compress_layers']} was not exported; this artifact has "
                          f"{self.combinations}. Re-export with that combination (export(..., combinations=[...])).")
 
+    @request_method
     def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
                       query_max_length: int | None = None, max_length: int | None = None,
                       cutoff_layers: int | Sequence[int] | None = None, compress_ratio: int | None = None,
                       compress_layers: Sequence[int] | None = None, prompt: str | None = None,
-                      normalize: bool | None = None) -> list[float] | list[list[float]]:
+                      normalize: bool | None = None) -> Request:
         """Scores per pair at each cutoff: a list for one cutoff, a list of lists (ascending layers) for several."""
         combo = canonical(self.cutoff_layers if cutoff_layers is None else cutoff_layers,
                           self.compress_ratio if compress_ratio is None else compress_ratio,
@@ -78,16 +79,13 @@ class LightweightReranker(LLMReranker):
         graph = self.graph_for(combo)
         pairs = check_pairs(sentence_pairs)
         n_cut = len(combo["cutoff_layers"])
-        if not pairs:
-            return [] if n_cut == 1 else [[] for _ in range(n_cut)]
-        pieces = self._pieces(pairs, *self._lengths(query_max_length, max_length), prompt)
+        pieces, cut = self._pieces(pairs, *self._lengths(query_max_length, max_length), prompt)
         sep = len(self.tokenizer.encode([self.separator], add_special_tokens=False)[0])
-        query_lengths = np.array([len(a) + sep for a, _, _ in pieces], dtype=np.int64)
-        prompt_lengths = np.array([len(c) for _, _, c in pieces], dtype=np.int64)
+        items = [Item(a + b + c, {"query_lengths": len(a) + sep, "prompt_lengths": len(c)}) for a, b, c in pieces]
 
-        def lengths(batch: Batch, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-            return {"query_lengths": query_lengths[batch.indices], "prompt_lengths": prompt_lengths[batch.indices]}
+        def finish(scores: np.ndarray) -> list[float] | list[list[float]]:
+            scores = scores.reshape(len(items), n_cut)
+            per_layer = [self._finish(scores[:, i], normalize) for i in range(n_cut)]
+            return per_layer[0] if n_cut == 1 else per_layer
 
-        scores = self._run([a + b + c for a, b, c in pieces], graph, batch_size, lengths, self.padding_side)
-        per_layer = [self._finish(scores[:, i], normalize) for i in range(n_cut)]
-        return per_layer[0] if n_cut == 1 else per_layer
+        return self._request(items, graph, batch_size, cut, finish, self.padding_side)

@@ -19,10 +19,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from .base import BgeModel
-from .batcher import PAIRS_ALONE
 from .batching import Batch, pad
 from .embedder import format_instruction
 from .manifest import Manifest
+from .request import Item, Job, Request, request_method
 from .tokenize import check_max_length, check_texts
 
 #: BGEM3FlagModel's query_max_length / passage_max_length defaults (bge-m3 itself takes 8192)
@@ -67,21 +67,27 @@ def colbert_vectors(colbert: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
 
 
 class _Encoded:
-    """Per text (caller's order): token count, dense row, lexical (ids, max weights), ColBERT rows."""
+    """Per text (caller's order), from the rows of a run: token count, dense row, lexical (ids, max
+    weights), ColBERT rows; the dense and ColBERT rows normalised here when the graph does not."""
 
-    def __init__(self, n: int, dim: int, want: Sequence[str]):
-        self.lengths = np.zeros(n, dtype=np.int64)
-        self.dense = np.zeros((n, dim), dtype=np.float32) if "dense" in want else None
-        self.lex: list[tuple[np.ndarray, np.ndarray]] | None = [None] * n if "sparse" in want else None
-        self.colbert: list[np.ndarray] | None = [None] * n if "colbert" in want else None
+    def __init__(self, rows: Sequence[dict[str, Any]], dim: int, want: Sequence[str], normalize: bool):
+        self.lengths = np.asarray([r["length"] for r in rows], dtype=np.int64)
+        self.dense = None
+        if "dense" in want:
+            self.dense = np.stack([r["dense"] for r in rows]) if rows else np.zeros((0, dim), dtype=np.float32)
+        self.lex: list[tuple[np.ndarray, np.ndarray]] | None = [r["sparse"] for r in rows] if "sparse" in want else None
+        self.colbert: list[np.ndarray] | None = [r["colbert"] for r in rows] if "colbert" in want else None
+        if normalize:
+            if self.dense is not None:
+                self.dense /= np.maximum(np.linalg.norm(self.dense, axis=-1, keepdims=True), 1e-12)
+            for c in self.colbert or []:
+                c /= np.maximum(np.linalg.norm(c, axis=-1, keepdims=True), 1e-12)
 
 
 class M3Embedder(BgeModel):
     """BGE-M3 served from an ONNX artifact, with BGEM3FlagModel-compatible calls and outputs."""
 
     kinds = ("m3",)
-    #: compute_score's ColBERT padding quirk depends on the other pairs: never merged by the batcher
-    batched_methods = {**BgeModel.batched_methods, "compute_score": PAIRS_ALONE}
 
     def __init__(self, model_dir: str, *, query_instruction_for_retrieval: str | None = None,
                  query_instruction_format: str | None = None, normalize_embeddings: bool | None = None,
@@ -151,34 +157,35 @@ class M3Embedder(BgeModel):
                              "`bgert export SRC --out DIR --heads dense,sparse,colbert`.")
         return want
 
-    def _encode(self, texts: list[str], max_length: int, batch_size: int | None, want: Sequence[str]) -> _Encoded:
-        seqs = self.tokenizer.encode(texts, max_length)
-        enc = _Encoded(len(texts), self.dim, want)
-        enc.lengths[:] = [len(s) for s in seqs]
-        for batch, outs, mask in self._run_batches(seqs, self.graph(), list(want), batch_size):
-            got = dict(zip(want, outs))
-            idx = batch.indices
-            if enc.dense is not None:
-                enc.dense[idx] = got["dense"]
-            if enc.lex is not None:
-                ids, _ = pad([seqs[i] for i in idx], mask.shape[1], self.tokenizer.pad_token_id,
-                             self.tokenizer.padding_side)
-                for i, lw in zip(idx, lexical_weights(got["sparse"], ids, self.sparse_drop_ids)):
-                    enc.lex[i] = lw
-            if enc.colbert is not None:
-                for i, vecs in zip(idx, colbert_vectors(got["colbert"], mask)):
-                    enc.colbert[i] = vecs
-        if not self.graph_normalizes and self.normalize_embeddings:
-            if enc.dense is not None:
-                enc.dense /= np.maximum(np.linalg.norm(enc.dense, axis=-1, keepdims=True), 1e-12)
-            for c in enc.colbert or []:
-                c /= np.maximum(np.linalg.norm(c, axis=-1, keepdims=True), 1e-12)
-        return enc
+    def _rows(self, job: Job, outputs: list[np.ndarray], mask: np.ndarray,
+              sequences: list[Sequence[int]]) -> list[dict[str, Any]]:
+        """Per text of a batch: its token count and the heads asked for, trimmed to its own tokens."""
+        got = dict(zip(job.outputs, outputs))
+        rows: list[dict[str, Any]] = [{"length": len(s)} for s in sequences]
+        if "dense" in got:
+            for row, vec in zip(rows, got["dense"]):
+                row["dense"] = vec.copy()
+        if "sparse" in got:
+            ids, _ = pad(sequences, mask.shape[1], self.tokenizer.pad_token_id, self.tokenizer.padding_side)
+            for row, lw in zip(rows, lexical_weights(got["sparse"], ids, self.sparse_drop_ids)):
+                row["sparse"] = lw
+        if "colbert" in got:
+            for row, vecs in zip(rows, colbert_vectors(got["colbert"], mask)):
+                row["colbert"] = vecs
+        return rows
 
+    def _items(self, texts: list[str], max_length: int) -> tuple[list[Item], bool]:
+        seqs, cut = self.tokenizer.encode_checked(texts, max_length)
+        return [Item(s) for s in seqs], cut
+
+    def _encoded(self, rows: Sequence[dict[str, Any]], want: Sequence[str]) -> _Encoded:
+        return _Encoded(rows, self.dim, want, not self.graph_normalizes and self.normalize_embeddings)
+
+    @request_method
     def encode(self, sentences: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None,
                return_dense: bool | None = None, return_sparse: bool | None = None,
                return_colbert_vecs: bool | None = None, instruction: str | None = None,
-               instruction_format: str = "{}{}", **_: Any) -> dict[str, Any]:
+               instruction_format: str = "{}{}", **_: Any) -> Request:
         """BGEM3FlagModel.encode: ``{"dense_vecs", "lexical_weights", "colbert_vecs"}``, None where not asked.
 
         ``dense_vecs``: float32 [n, dim]; ``lexical_weights``: per text a defaultdict(int) of
@@ -193,31 +200,38 @@ class M3Embedder(BgeModel):
         texts, single = check_texts(sentences)
         texts = format_instruction(instruction, instruction_format, texts)
         max_length = check_max_length(max_length or self.passage_max_length, self.max_length)
-        enc = self._encode(texts, max_length, batch_size, want)
-        lexical = None
-        if enc.lex is not None:
-            lexical = [collections.defaultdict(int, zip(map(str, tok.tolist()), w)) for tok, w in enc.lex]
-        out = {"dense_vecs": enc.dense, "lexical_weights": lexical, "colbert_vecs": enc.colbert}
-        if single:
-            out = {k: None if v is None else v[0] for k, v in out.items()}
-        return out
+        items, cut = self._items(texts, max_length)
 
+        def finish(rows: list[dict[str, Any]]) -> dict[str, Any]:
+            enc = self._encoded(rows, want)
+            lexical = None
+            if enc.lex is not None:
+                lexical = [collections.defaultdict(int, zip(map(str, tok.tolist()), w)) for tok, w in enc.lex]
+            out = {"dense_vecs": enc.dense, "lexical_weights": lexical, "colbert_vecs": enc.colbert}
+            if single:
+                out = {k: None if v is None else v[0] for k, v in out.items()}
+            return out
+
+        return Request(self.job(self.graph(), want), items, finish, truncated=cut, batch_size=batch_size)
+
+    @request_method
     def encode_queries(self, queries: str | Sequence[str], batch_size: int | None = None,
                        max_length: int | None = None, return_dense: bool | None = None,
                        return_sparse: bool | None = None, return_colbert_vecs: bool | None = None,
-                       **kwargs: Any) -> dict[str, Any]:
+                       **kwargs: Any) -> Request:
         """``encode`` with the query instruction (bge-m3 has none) and ``query_max_length``."""
-        return self.encode(queries, batch_size=batch_size, max_length=max_length or self.query_max_length,
+        return self.prepare("encode", queries, batch_size=batch_size, max_length=max_length or self.query_max_length,
                            return_dense=return_dense, return_sparse=return_sparse,
                            return_colbert_vecs=return_colbert_vecs, instruction=self.query_instruction_for_retrieval,
                            instruction_format=self.query_instruction_format, **kwargs)
 
+    @request_method
     def encode_corpus(self, corpus: str | Sequence[str], batch_size: int | None = None,
                       max_length: int | None = None, return_dense: bool | None = None,
                       return_sparse: bool | None = None, return_colbert_vecs: bool | None = None,
-                      **kwargs: Any) -> dict[str, Any]:
+                      **kwargs: Any) -> Request:
         """``encode`` with ``passage_max_length`` (no instruction), like BGEM3FlagModel.encode_corpus."""
-        return self.encode(corpus, batch_size=batch_size, max_length=max_length or self.passage_max_length,
+        return self.prepare("encode", corpus, batch_size=batch_size, max_length=max_length or self.passage_max_length,
                            return_dense=return_dense, return_sparse=return_sparse,
                            return_colbert_vecs=return_colbert_vecs, **kwargs)
 
@@ -281,10 +295,11 @@ class M3Embedder(BgeModel):
                 text = text.replace(a, b)
         return text
 
+    @request_method
     def compute_score(self, sentence_pairs: Sequence[tuple[str, str]] | tuple[str, str],
                       batch_size: int | None = None, max_query_length: int | None = None,
                       max_passage_length: int | None = None,
-                      weights_for_different_modes: Sequence[float] | None = None, **_: Any) -> Any:
+                      weights_for_different_modes: Sequence[float] | None = None, **_: Any) -> Request:
         """BGEM3FlagModel.compute_score: per pair the dense, sparse and ColBERT scores and two
         weighted sums (weights [dense, sparse, colbert], default [1, 1, 1]); a dict of lists of
         float, or of floats for a single pair.
@@ -292,9 +307,12 @@ class M3Embedder(BgeModel):
         Matches the reference's batching quirk: there, each batch of ``batch_size`` pairs pads its
         passages to the longest one, and those zero padding vectors take part in the ColBERT max,
         so a query token whose every similarity is negative scores 0 instead of its best one.
+        (Only the call's own pairs and ``batch_size`` decide it, so the queue may merge calls.)
         """
         if isinstance(sentence_pairs, list) and len(sentence_pairs) == 0:
-            return []
+            return Request(self.job(self.graph(), ()), [], lambda rows: [])
+        want = self._want(True, True, True)
+        job = self.job(self.graph(), want)
         single = isinstance(sentence_pairs[0], str)
         pairs = [sentence_pairs] if single else list(sentence_pairs)
         for i, p in enumerate(pairs):
@@ -304,27 +322,31 @@ class M3Embedder(BgeModel):
         weights = [1.0, 1.0, 1.0] if weights_for_different_modes is None else [float(w) for w in weights_for_different_modes]
         if len(weights) != 3:
             raise ValueError(f"weights_for_different_modes must be [dense, sparse, colbert], got {weights}")
-        batch_size = batch_size or self.batch_size
-        want = self._want(True, True, True)
-        q = self._encode([p[0] for p in pairs], check_max_length(max_query_length or self.query_max_length,
-                                                                 self.max_length), batch_size, want)
-        p = self._encode([p[1] for p in pairs], check_max_length(max_passage_length or self.passage_max_length,
-                                                                 self.max_length), batch_size, want)
+        chunk = batch_size or self.batch_size
         n = len(pairs)
-        dense = np.einsum("ij,ij->i", q.dense, p.dense)
-        sparse = self._pair_lexical_scores(q.lex, p.lex)
-        starts = np.arange(0, n, batch_size)
-        padded = p.lengths < np.repeat(np.maximum.reduceat(p.lengths, starts), np.diff(np.r_[starts, n]))
-        colbert = np.empty(n, dtype=np.float32)
-        for i in range(n):
-            best = (q.colbert[i] @ p.colbert[i].T).max(-1)
-            colbert[i] = (np.maximum(best, 0) if padded[i] else best).sum() / q.colbert[i].shape[0]
-        w_d, w_s, w_c = weights
-        scores = {"colbert": colbert, "sparse": sparse, "dense": dense,
-                  "sparse+dense": (sparse * w_s + dense * w_d) / (w_s + w_d),
-                  "colbert+sparse+dense": (colbert * w_c + sparse * w_s + dense * w_d) / sum(weights)}
-        result = {k: np.asarray(scores[k], dtype=np.float32).tolist() for k in SCORE_KEYS}
-        return {k: v[0] for k, v in result.items()} if single else result
+        q_items, q_cut = self._items([p[0] for p in pairs], check_max_length(max_query_length or self.query_max_length,
+                                                                           self.max_length))
+        p_items, p_cut = self._items([p[1] for p in pairs], check_max_length(
+            max_passage_length or self.passage_max_length, self.max_length))
+
+        def finish(rows: list[dict[str, Any]]) -> dict[str, Any]:
+            q, p = self._encoded(rows[:n], want), self._encoded(rows[n:], want)
+            dense = np.einsum("ij,ij->i", q.dense, p.dense)
+            sparse = self._pair_lexical_scores(q.lex, p.lex)
+            starts = np.arange(0, n, chunk)
+            padded = p.lengths < np.repeat(np.maximum.reduceat(p.lengths, starts), np.diff(np.r_[starts, n]))
+            colbert = np.empty(n, dtype=np.float32)
+            for i in range(n):
+                best = (q.colbert[i] @ p.colbert[i].T).max(-1)
+                colbert[i] = (np.maximum(best, 0) if padded[i] else best).sum() / q.colbert[i].shape[0]
+            w_d, w_s, w_c = weights
+            scores = {"colbert": colbert, "sparse": sparse, "dense": dense,
+                      "sparse+dense": (sparse * w_s + dense * w_d) / (w_s + w_d),
+                      "colbert+sparse+dense": (colbert * w_c + sparse * w_s + dense * w_d) / sum(weights)}
+            result = {k: np.asarray(scores[k], dtype=np.float32).tolist() for k in SCORE_KEYS}
+            return {k: v[0] for k, v in result.items()} if single else result
+
+        return Request(job, q_items + p_items, finish, truncated=q_cut or p_cut, batch_size=batch_size)
 
     @staticmethod
     def _pair_lexical_scores(lex1: list[tuple[np.ndarray, np.ndarray]],

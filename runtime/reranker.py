@@ -19,9 +19,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .base import BgeModel
-from .batching import Batch, pad
 from .embedder import format_instruction
 from .manifest import ArtifactError, Graph, Manifest
+from .request import Item, Request, request_method
 from .tokenize import TextTokenizer, check_max_length, check_texts
 
 log = logging.getLogger("bgert")
@@ -169,8 +169,10 @@ class _PairReranker(BgeModel):
                                 else default_query_max_length(max_length))
         return check_max_length(query_max_length), max_length
 
-    def _sides(self, pairs: list[Pair], query_max_length: int, max_length: int) -> list[tuple[list[int], list[int]]]:
-        """Each side with its instruction, tokenised without special tokens and truncated on its own."""
+    def _sides(self, pairs: list[Pair], query_max_length: int,
+               max_length: int) -> tuple[list[tuple[list[int], list[int]]], bool]:
+        """Each side with its instruction, tokenised without special tokens and truncated on its own;
+        and whether any side was cut."""
         queries = format_instruction(self.query_instruction_for_rerank, self.query_instruction_format,
                                      [q for q, _ in pairs])
         passages = format_instruction(self.passage_instruction_for_rerank, self.passage_instruction_format,
@@ -182,22 +184,19 @@ class _PairReranker(BgeModel):
             log.warning("bgert: some queries/passages are longer than query_max_length=%d / max_length=%d tokens "
                         "and were truncated (as the reference does). This is reported once per model.",
                         query_max_length, max_length)
-        return sides
+        return sides, cut
 
-    def _run(self, sequences: Sequence[Sequence[int]], graph: Graph, batch_size: int | None,
-             extra_inputs: Callable[[Batch, np.ndarray, np.ndarray], dict[str, np.ndarray]] | None = None,
-             padding_side: str | None = None) -> np.ndarray:
-        """Scores of the graph's output for every sequence, in the caller's order ([n] or [n, k]);
-        padded on ``padding_side``, else the tokenizer's side."""
-        check_fits(sequences, self.model_max_length)
-        out: np.ndarray | None = None
-        for batch, (scores,), _ in self._run_batches(sequences, graph, [self.output_name], batch_size,
-                                                     self.pad_to_multiple_of, padding_side=padding_side,
-                                                     extra_inputs=extra_inputs):
-            if out is None:
-                out = np.zeros((len(sequences), *scores.shape[1:]), dtype=np.float32)
-            out[batch.indices] = scores
-        return out
+    def _request(self, items: list[Item], graph: Graph, batch_size: int | None, truncated: bool,
+                 finish: Callable[[np.ndarray], Any], padding_side: str | None = None) -> Request:
+        """A request scoring ``items`` with ``graph``, padded on ``padding_side`` (else the tokenizer's);
+        ``finish`` gets the scores in order ([n] or [n, k])."""
+        check_fits([it.ids for it in items], self.model_max_length)
+
+        def collect(rows: list[np.ndarray]) -> Any:
+            return finish(np.asarray(rows, dtype=np.float32))
+
+        return Request(self.job(graph, [self.output_name], self.pad_to_multiple_of, padding_side), items, collect,
+                       truncated=truncated, batch_size=batch_size)
 
     def _finish(self, scores: np.ndarray, normalize: bool | None) -> list[float]:
         normalize = self.normalize if normalize is None else normalize
@@ -222,24 +221,17 @@ class Reranker(_PairReranker):
         """Special tokens around the pair (the tokenizer's own template), the passage trimmed to fit."""
         return assemble_pair(self._template, self._template_types, query, passage, max_length, self.truncation_side)
 
+    @request_method
     def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
                       query_max_length: int | None = None, max_length: int | None = None,
-                      normalize: bool | None = None) -> list[float]:
+                      normalize: bool | None = None) -> Request:
         """Relevance logit per (query, passage) pair (sigmoid with ``normalize=True``), as a list."""
         pairs = check_pairs(sentence_pairs)
-        if not pairs:
-            return []
         query_max_length, max_length = self._lengths(query_max_length, max_length)
-        built = [self._assemble(q, p, max_length) for q, p in self._sides(pairs, query_max_length, max_length)]
-        types = [t for _, t in built]
-
-        def token_types(batch: Batch, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-            side = self.tokenizer.padding_side
-            return {"token_type_ids": pad([types[i] for i in batch.indices], ids.shape[1], 0, side)[0]}
-
-        scores = self._run([ids for ids, _ in built], self.graph(), batch_size,
-                           token_types if self._template_types else None)
-        return self._finish(scores, normalize)
+        sides, cut = self._sides(pairs, query_max_length, max_length)
+        built = [self._assemble(q, p, max_length) for q, p in sides]
+        items = [Item(ids, {"token_type_ids": types} if self._template_types else None) for ids, types in built]
+        return self._request(items, self.graph(), batch_size, cut, lambda scores: self._finish(scores, normalize))
 
 
 class LLMReranker(_PairReranker):
@@ -259,26 +251,31 @@ class LLMReranker(_PairReranker):
         self.bos_prefix = bos_prefix(self.manifest)
 
     def _pieces(self, pairs: list[Pair], query_max_length: int, max_length: int,
-                prompt: str | None) -> list[tuple[list[int], list[int], list[int]]]:
-        """``llm_pieces`` of these pairs, with the call's prompt, else the constructor's, else the manifest's."""
+                prompt: str | None) -> tuple[list[tuple[list[int], list[int], list[int]]], bool]:
+        """``llm_pieces`` of these pairs, with the call's prompt, else the constructor's, else the manifest's;
+        and whether any side was cut."""
         prompt = prompt if prompt is not None else self.prompt if self.prompt is not None else self.manifest.get("prompt")
-        return llm_pieces(self.tokenizer, self._sides(pairs, query_max_length, max_length), self.bos_prefix,
-                          self.separator, prompt, max_length, self.truncation_side)
+        sides, cut = self._sides(pairs, query_max_length, max_length)
+        return llm_pieces(self.tokenizer, sides, self.bos_prefix, self.separator, prompt, max_length,
+                          self.truncation_side), cut
 
     def _sequences(self, pairs: list[Pair], query_max_length: int, max_length: int,
                    prompt: str | None) -> list[list[int]]:
         """The token ids of each pair: the three pieces of ``_pieces`` joined."""
-        return [a + b + c for a, b, c in self._pieces(pairs, query_max_length, max_length, prompt)]
+        return [a + b + c for a, b, c in self._pieces(pairs, query_max_length, max_length, prompt)[0]]
 
+    def _items(self, pairs: list[Pair], query_max_length: int | None, max_length: int | None,
+               prompt: str | None) -> tuple[list[Item], bool]:
+        pieces, cut = self._pieces(pairs, *self._lengths(query_max_length, max_length), prompt)
+        return [Item(a + b + c) for a, b, c in pieces], cut
+
+    @request_method
     def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
                       query_max_length: int | None = None, max_length: int | None = None,
-                      prompt: str | None = None, normalize: bool | None = None) -> list[float]:
+                      prompt: str | None = None, normalize: bool | None = None) -> Request:
         """``Yes`` logit per (query, passage) pair (sigmoid with ``normalize=True``), as a list."""
-        pairs = check_pairs(sentence_pairs)
-        if not pairs:
-            return []
-        seqs = self._sequences(pairs, *self._lengths(query_max_length, max_length), prompt)
-        return self._finish(self._run(seqs, self.graph(), batch_size), normalize)
+        items, cut = self._items(check_pairs(sentence_pairs), query_max_length, max_length, prompt)
+        return self._request(items, self.graph(), batch_size, cut, lambda scores: self._finish(scores, normalize))
 
 
 class LayerwiseReranker(LLMReranker):
@@ -329,17 +326,19 @@ class LayerwiseReranker(LLMReranker):
         """The graph that stops at ``max(cutoffs)`` layers (it scores every exported cutoff below)."""
         return self.graph(cutoff_layers=[c for c in self.exported_cutoffs if c <= max(cutoffs)])
 
+    @request_method
     def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
                       query_max_length: int | None = None, max_length: int | None = None,
                       cutoff_layers: int | Sequence[int] | None = None, prompt: str | None = None,
-                      normalize: bool | None = None) -> list[float] | list[list[float]]:
+                      normalize: bool | None = None) -> Request:
         """Scores per pair at each requested cutoff layer: a list, or a list of lists (one per layer)."""
         cutoffs = self._cutoffs(cutoff_layers)
-        pairs = check_pairs(sentence_pairs)
-        if not pairs:
-            return [] if len(cutoffs) == 1 else [[] for _ in cutoffs]
         graph = self.graph_for(cutoffs)
-        seqs = self._sequences(pairs, *self._lengths(query_max_length, max_length), prompt)
-        scores = self._run(seqs, graph, batch_size)
-        per_layer = [self._finish(scores[:, graph.cutoff_layers.index(c)], normalize) for c in cutoffs]
-        return per_layer[0] if len(per_layer) == 1 else per_layer
+        items, cut = self._items(check_pairs(sentence_pairs), query_max_length, max_length, prompt)
+
+        def finish(scores: np.ndarray) -> list[float] | list[list[float]]:
+            scores = scores.reshape(len(items), len(graph.cutoff_layers))
+            per_layer = [self._finish(scores[:, graph.cutoff_layers.index(c)], normalize) for c in cutoffs]
+            return per_layer[0] if len(per_layer) == 1 else per_layer
+
+        return self._request(items, graph, batch_size, cut, finish)

@@ -93,8 +93,14 @@ class TextTokenizer:
     def encode(self, texts: Sequence[str], max_length: int | None = None,
                add_special_tokens: bool = True) -> list[list[int]]:
         """Token ids per text, truncated to ``max_length`` tokens (special tokens included)."""
+        return self.encode_checked(texts, max_length, add_special_tokens)[0]
+
+    def encode_checked(self, texts: Sequence[str], max_length: int | None = None,
+                       add_special_tokens: bool = True) -> tuple[list[list[int]], bool]:
+        """``encode``, and whether any text was truncated (the HTTP server refuses those with
+        ``truncate=false``, as TEI does)."""
         if not texts:
-            return []
+            return [], False
         encs = self._for_length(max_length).encode_batch(list(texts), add_special_tokens=add_special_tokens)
         if max_length is not None:
             # tokenizers skips truncation when max_length cannot even hold the special tokens
@@ -103,17 +109,22 @@ class TextTokenizer:
                 raise ValueError(f"max_length={max_length} is too small: texts[{bad}] keeps {len(encs[bad].ids)} "
                                  "tokens because truncation cannot drop the special tokens the tokenizer adds; "
                                  "use a larger max_length.")
-        if max_length is not None and not self._warned and any(e.overflowing for e in encs):
+        cut = max_length is not None and any(e.overflowing for e in encs)
+        if cut and not self._warned:
             self._warned = True
             log.warning("bgert: some inputs are longer than max_length=%d tokens and were truncated "
                         "(as the reference does). This is reported once per model.", max_length)
-        return [e.ids for e in encs]
+        return [e.ids for e in encs], cut
 
     def encode_pairs(self, firsts: Sequence[str], seconds: Sequence[str]) -> list[tuple[list[int], list[int]]]:
         """Ids of each side tokenised alone without special tokens (for pair assembly by rerankers)."""
         a = self._plain.encode_batch(list(firsts), add_special_tokens=False) if firsts else []
         b = self._plain.encode_batch(list(seconds), add_special_tokens=False) if seconds else []
         return [(x.ids, y.ids) for x, y in zip(a, b)]
+
+    def encodings(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[Any]:
+        """The `tokenizers` Encodings of ``texts``, untruncated (ids, tokens, offsets: ``bgert serve``'s /tokenize)."""
+        return self._plain.encode_batch(list(texts), add_special_tokens=add_special_tokens) if texts else []
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._plain.decode(list(ids), skip_special_tokens=skip_special_tokens)
