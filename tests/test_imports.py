@@ -29,10 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 #: which bgert sub-packages each may import (lower layers never import higher ones)
 LAYERS = {
     "bgert": set(),
-    "cli": {"benchmarks", "export", "triton_models", "runtime"},
+    "cli": {"benchmarks", "export", "server", "triton_models", "runtime"},
     "benchmarks": {"export", "triton_models", "runtime"},
     "export": {"runtime"},
     "triton_models": {"runtime"},
+    "server": {"runtime"},
     "runtime": set(),
 }
 #: external packages the runtime may import (besides the standard library): the base install and

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("bgert.cli.tune_cmd", "measure which gated variant is fastest here and make it this machine's default"),
     "demo": ("bgert.cli.demo_cmd", "export the bundled all-MiniLM-L6-v2, check parity and speed"),
     "doctor": ("bgert.cli.doctor_cmd", "check providers, CPU features, versions, and an artifact's integrity"),
+    "serve": ("bgert.cli.serve_cmd", "serve artifacts over HTTP: OpenAI, TEI and Cohere/Jina endpoints, /metrics"),
     "triton-repo": ("bgert.cli.triton_repo_cmd", "write a Triton model repository for an artifact"),
     "triton-serve": ("bgert.cli.triton_serve_cmd", "run the tritonserver bundled in nvidia-pytriton on a repository"),
     "bench": ("bgert.cli.bench_cmd", "parity and throughput against the PyTorch reference, roofline, plots"),

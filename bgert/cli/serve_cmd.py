@@ -1,0 +1,82 @@
+"""``bgert serve ART [ART ...]``: OpenAI-, TEI- and Cohere/Jina-compatible HTTP endpoints (bgert.server).
+
+The server listens at once; ``/health`` answers 503 until every model is loaded and warmed up.
+SIGTERM (or Ctrl-C) stops admission, finishes the requests in flight, then exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifacts", nargs="+", metavar="ART", help="artifact directories (from `bgert export`)")
+    p.add_argument("--name", action="append", default=[], metavar="NAME",
+                   help="name of each artifact, once per artifact in order (default: its directory name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-tokens", type=int, default=16384,
+                   help="padded tokens per batch run at most (rows x length bucket; default 16384)")
+    p.add_argument("--max-batch-requests", type=int, default=256, help="inputs per batch run at most (default 256)")
+    p.add_argument("--max-client-batch-size", type=int, default=512,
+                   help="inputs per HTTP request at most (default 512)")
+    p.add_argument("--max-request-bytes", type=int, default=2_000_000,
+                   help="request body size at most (default 2,000,000)")
+    p.add_argument("--max-queue-items", type=int, default=10_000,
+                   help="inputs waiting per model at most; past it requests get 429 (default 10,000)")
+    p.add_argument("--api-key", default=os.environ.get("BGERT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $BGERT_API_KEY, else none)")
+    p.add_argument("--precision", default=None, help="graph precision (default: the best that passed its gate)")
+    p.add_argument("--providers", default=None, help="ORT execution providers, e.g. cuda or cpu")
+    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads per model (default: ORT's)")
+    p.add_argument("--tokenizer-workers", type=int, default=None, help="tokenising threads per model (default: 4)")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from bgert.server.app import ServerOptions, ServerState, Served, create_app
+    except ImportError as e:
+        raise RuntimeError(f"bgert serve needs the serve extra ({e}); pip install 'bgert[serve]'") from e
+    names = args.name or [os.path.basename(os.path.normpath(a)) for a in args.artifacts]
+    if len(names) != len(args.artifacts):
+        raise ValueError(f"--name was given {len(args.name)} times for {len(args.artifacts)} artifacts; "
+                         "give it once per artifact, in order, or not at all")
+    if len(set(names)) != len(names):
+        raise ValueError(f"two artifacts have the same name ({', '.join(names)}); tell them apart with --name")
+    for a in args.artifacts:
+        if not os.path.isdir(a):
+            raise FileNotFoundError(f"{a} is not a directory; make one with `bgert export CHECKPOINT --out DIR`")
+    options = ServerOptions(max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
+                            max_client_batch_size=args.max_client_batch_size,
+                            max_request_bytes=args.max_request_bytes, max_queue_items=args.max_queue_items,
+                            api_key=args.api_key or None, tokenizer_workers=args.tokenizer_workers)
+    load_kwargs = {k: v for k, v in (("precision", args.precision), ("providers", args.providers),
+                                     ("intra_op_num_threads", args.threads)) if v is not None}
+    state = ServerState([Served(n, a) for n, a in zip(names, args.artifacts)], options, load_kwargs)
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host=args.host, port=args.port,
+                                           log_level=args.log_level, access_log=False, lifespan="off"))
+    loader = threading.Thread(target=_load, args=(state, server), daemon=True, name="bgert-serve-load")
+    print(f"bgert serve: http://{args.host}:{args.port} ({', '.join(names)}; /health says when ready)",
+          file=sys.stderr)
+    loader.start()
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again under the handler that
+    # was there before; a no-op one lets this return 0 (in-flight requests done, queues closed below)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        state.close()  # every queued request finishes before the process ends
+    return 1 if state.error else 0
+
+
+def _load(state, server) -> None:  # noqa: ANN001 (ServerState, uvicorn.Server: imported lazily)
+    state.load_all()
+    if state.error:
+        server.should_exit = True
