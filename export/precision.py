@@ -17,6 +17,9 @@ beside it, measures it and records the result in the manifest entry of the graph
   ``INFERENCE_PRECISION_HINT bf16``) and ``requires_cpu_flags`` amx_bf16/avx512_bf16. It is measured
   against fp32 only on a CPU with one of them and OpenVINO installed; elsewhere it is recorded as not
   measured (gate_passed false, never a default) and the export goes on.
+- ``ov-int8``: OpenVINO IR (``model.ov-int8.xml`` + ``.bin``) quantized by NNCF (``nncf.quantize``,
+  ModelType.TRANSFORMER, SmoothQuant on the MatMuls) on the same calibration documents and queries as
+  ``int8``, gated with int8's gates on the held-out documents and queries; ``backend: openvino``.
 
 Quality is measured on held-out text (SciFact sample documents and queries shipped with bgert, and the
 parity texts) against the fp32 graph, output by output: cosine (mean, min) for vectors, Spearman
@@ -59,7 +62,7 @@ from .parity import PARITY_PAIRS, PARITY_TEXTS, score_stats
 
 log = logging.getLogger("bgert.export")
 
-VARIANTS = ("fp16", "int8", "int8-static", "bf16")
+VARIANTS = ("fp16", "int8", "int8-static", "bf16", "ov-int8")
 VNNI = "int8-vnni"
 #: default gates; a metric applies wherever the measured quality reports it
 #: (embedders and M3: cosine per output; rerankers: Spearman and top-5 agreement of the scores)
@@ -69,6 +72,7 @@ DEFAULT_GATES: dict[str, dict[str, float]] = {
     VNNI: {"cos_mean": 0.99, "cos_min": 0.97, "spearman": 0.98, "top5_agreement": 0.6},
     "int8-static": {"cos_mean": 0.99, "cos_min": 0.97, "spearman": 0.98, "top5_agreement": 0.6},
     "bf16": {"cos_mean": 0.9999, "cos_min": 0.999, "spearman": 0.995, "top5_agreement": 0.8},
+    "ov-int8": {"cos_mean": 0.99, "cos_min": 0.97, "spearman": 0.98, "top5_agreement": 0.6},
 }
 GATE_METRICS = ("cos_mean", "cos_min", "spearman", "top5_agreement")
 #: ops float16 conversion leaves in fp32 (besides ORT's own list): norm statistics, reductions, softmax
@@ -358,6 +362,8 @@ def add_variant(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tokenizer: Any,
     calib, held = text_sets(s, raw["kind"])
     if precision == "bf16":
         return _add_bf16(tmp_dir, raw, spec, hf_tokenizer, sources, held, s)
+    if precision == "ov-int8":
+        return _add_ov_int8(tmp_dir, raw, spec, hf_tokenizer, sources, calib, held, s)
     work = tempfile.mkdtemp(prefix=f".{os.path.basename(tmp_dir)}.{precision}-", dir=os.path.dirname(tmp_dir))
     try:
         made: dict[str, list[tuple[dict[str, Any], dict[str, Any], str | None]]] = {}
@@ -447,6 +453,61 @@ def _add_bf16(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tok: Any, sources
     if failures and not s.keep_failed:
         raise ExportError("precision variant(s) missed their quality gate:\n  " + "\n  ".join(failures))
     raw["files"] = list_files(tmp_dir)
+
+
+def _add_ov_int8(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tok: Any, sources: list[dict[str, Any]],
+                 calib: Sequence[Any], held: Sequence[Any], s: Settings) -> None:
+    """An NNCF-quantized OpenVINO IR of every fp32 graph, gated against the fp32 graph on held-out text."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError as e:
+        raise ExportError("--precision ov-int8 needs openvino and nncf: pip install 'bgert[openvino]'") from e
+    from bgert.runtime.openvino_backend import take_else_branches
+
+    scores = raw["kind"] in RERANKER_KINDS
+    failures = []
+    for g in sources:
+        path = os.path.join(tmp_dir, g["file"])
+        names = input_names(path)
+        calib_batches = [f for f, _ in feeds(token_ids(hf_tok, calib, raw["max_length"]), names, *_pad(raw),
+                                             budget=4096)]
+        model = ov.Core().read_model(path)
+        take_else_branches(model)
+        t0 = time.perf_counter()
+        smooth = nncf.AdvancedSmoothQuantParameters(matmul=0.95)
+        quantized = nncf.quantize(model, nncf.Dataset(calib_batches), model_type=nncf.ModelType.TRANSFORMER,
+                                  preset=nncf.QuantizationPreset.MIXED, subset_size=len(calib_batches),
+                                  advanced_parameters=nncf.AdvancedQuantizationParameters(
+                                      smooth_quant_alphas=smooth))
+        dst = os.path.splitext(g["file"])[0] + ".ov-int8.xml"
+        ov.save_model(quantized, os.path.join(tmp_dir, dst), compress_to_fp16=False)
+        log.info("export: ov-int8 of %s quantized by NNCF in %.1fs", g["file"], time.perf_counter() - t0)
+        base = {k: v for k, v in g.items() if k not in ("file", "precision", "quality", "gate_passed")}
+        entry = {"file": dst, "precision": "ov-int8", **base, "backend": "openvino",
+                 "recipe": {"tool": f"nncf {nncf.__version__}", "model_type": "TRANSFORMER", "preset": "MIXED",
+                            "smooth_quant_alpha_matmul": 0.95, "calibration_batches": len(calib_batches),
+                            "calibration_texts": len(calib), "format": "OpenVINO IR"}}
+        seqs = token_ids(hf_tok, held, raw["max_length"])
+        batches = [f for f, _ in feeds(seqs, names, *_pad(raw))]
+        ref = _cached(spec, ("fp32 outputs", g["file"]), lambda: graph_outputs(path, batches))
+        sections = {"vs_fp32": compare(ref, openvino_outputs(os.path.join(tmp_dir, dst), "ov-int8", batches), scores),
+                    "held_out": {"texts" if not scores else "pairs": len(seqs),
+                                 "source": "bundled SciFact sample (documents 100+, queries) + parity texts"}}
+        summary = summarize(sections)
+        gate = s.gate("ov-int8")
+        missed = gate_failures(summary, gate)
+        entry["quality"] = {**summary, "gate": gate, "measured_on": _host(cpu_int8_dot_exact()), **sections}
+        entry["gate_passed"] = not missed
+        raw.setdefault("parity", {})["ov-int8" if len(sources) == 1 else f"ov-int8:{g['file']}"] = summary
+        if missed:
+            failures.append(f"ov-int8 ({g['file']}): " + "; ".join(missed))
+        raw["graphs"].append(entry)
+    raw["files"] = list_files(tmp_dir)
+    if failures and not s.keep_failed:
+        raise ExportError("precision variant(s) missed their quality gate:\n  " + "\n  ".join(failures))
+    for f in failures:
+        log.warning("kept (marked failed, never chosen by default): %s", f)
 
 
 def _build(tmp_dir: str, g: dict[str, Any], work: str, spec: Any, hf_tok: Any, raw: dict[str, Any],

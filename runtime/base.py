@@ -73,7 +73,7 @@ def graph_backend(g: Graph) -> str:
 #: are exact, bf16 only with AMX-BF16 / AVX512-BF16)
 CPU_PREFERENCE = ("int8-vnni", "int8", "fp32", "int8-static", "fp16")
 GPU_PREFERENCE = ("fp16", "fp32", "int8-static", "int8")
-OPENVINO_PREFERENCE = ("bf16", "fp32")
+OPENVINO_PREFERENCE = ("bf16", "fp32", "ov-int8")
 
 
 def default_precision(manifest: Manifest, on_gpu: bool, backend: str = "ort",

@@ -22,7 +22,7 @@ import numpy as np
 #: keyword arguments of the runtime classes that configure this backend
 OPENVINO_BACKEND_OPTIONS = ("performance_hint", "openvino_cache_dir", "openvino_config")
 #: OpenVINO inference precision per graph precision (None: OpenVINO's own choice for the file)
-INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f32"}
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f32", "ov-int8": "f32"}
 HINTS = ("latency", "throughput")
 _INSTALL = "install the openvino extra: pip install 'bgert[openvino]'"
 

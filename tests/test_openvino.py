@@ -237,3 +237,35 @@ def test_encode_command_with_openvino(tiny_mean, tiny_mean_art, tmp_path):
     assert r.returncode == 0, r.stderr
     ref = SentenceTransformer(tiny_mean, device="cpu").encode(TEXTS[1:], normalize_embeddings=True)
     assert cos_min(ref, np.load(tmp_path / "v.npy")) >= COS
+
+
+@pytest.fixture(scope="module")
+def ov_int8_art(tiny_bge, root) -> str:
+    pytest.importorskip("nncf")
+    return export(tiny_bge, os.path.join(root, "bge-ov-int8"), progress=False, precisions=["ov-int8"])
+
+
+def test_nncf_int8_gated_on_documents_and_queries(tiny_bge, ov_int8_art):
+    from FlagEmbedding import FlagModel
+
+    model = load(ov_int8_art, backend="openvino", precision="ov-int8")
+    entry = next(g for g in model.manifest.graphs if g.precision == "ov-int8")
+    assert entry.file == "model.ov-int8.xml" and entry.extra["backend"] == "openvino"
+    assert {"model.ov-int8.xml", "model.ov-int8.bin"} <= set(model.manifest.raw["files"])
+    q = entry.quality
+    assert entry.gate_passed and q["gate"]["cos_min"] == 0.97 and q["cos_min"] >= 0.97
+    assert q["held_out"]["texts"] >= 40  # held-out documents and queries (and the parity texts)
+    assert entry.extra["recipe"]["model_type"] == "TRANSFORMER"
+    ref = FlagModel(tiny_bge, use_fp16=False, devices="cpu").encode(TEXTS)
+    assert cos_min(ref, model.encode(TEXTS)) >= 0.97
+    with pytest.raises(ValueError, match="backend='openvino'"):
+        load(ov_int8_art, precision="ov-int8")
+
+
+def test_nncf_int8_missing_its_gate_fails_the_export(tiny_bge, root):
+    from bgert.export import ExportError
+
+    with pytest.raises(ExportError, match="ov-int8.*cos_min"):
+        export(tiny_bge, os.path.join(root, "bge-ov-int8-strict"), progress=False, precisions=["ov-int8"],
+               gates={"ov-int8": {"cos_min": 1.01}})
+    assert not os.path.exists(os.path.join(root, "bge-ov-int8-strict"))
