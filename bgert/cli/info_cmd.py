@@ -34,7 +34,8 @@ def describe(artifact: str, verify: bool = False) -> str:
     lines.append("graphs:")
     for g in m.graphs:
         cut = f" cutoff {g.cutoff_layers}" if g.cutoff_layers else ""
-        status = "ok" if g.gate_passed else "FAILED GATE"
+        status = ("ok" if g.gate_passed else "NOT MEASURED: " + str(g.quality.get("reason"))
+                  if g.quality.get("measured") is False else "FAILED GATE")
         lines.append(f"  {g.precision:<12}{cut} {g.file:<28} [{status}] {_fmt_quality(g.quality)}")
     for prov, on_gpu in (("CPU", False), ("CUDA", True)):
         lines.append(f"default precision on {prov}: {default_precision(m, on_gpu)}")
