@@ -172,7 +172,7 @@ def export(src: str, out: str, *, kind: str = "auto", max_length: int | None = N
 
             add_variant(tmp, raw, spec, hf_tok, precision, options)
             steps(precision)
-        raw["files"] = list_files(tmp)
+        raw["files"] = list_files(tmp, raw["files"])
         write_manifest(tmp, raw)
         steps("write")
         _replace(tmp, out)

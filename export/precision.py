@@ -376,7 +376,7 @@ def add_variant(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tokenizer: Any,
         for p, items in made.items():
             t0 = time.perf_counter()
             raw["graphs"].extend(e for _, e, _ in items)
-            raw["files"] = list_files(tmp_dir)
+            raw["files"] = list_files(tmp_dir, raw["files"])
             write_manifest(tmp_dir, raw)  # the runtime can now load the variant for spec.parity
             failures += _measure(tmp_dir, raw, spec, hf_tokenizer, p, items, held, s)
             log.info("export: %s measured in %.1fs: %s", p, time.perf_counter() - t0,

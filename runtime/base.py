@@ -149,7 +149,7 @@ class BgeModel(QueuedAPI):
                  intra_op_num_threads: int | None = None, inter_op_num_threads: int | None = None,
                  graph_optimization_level: str = "all", sess_options: Any = None,
                  token_budget: int = DEFAULT_TOKEN_BUDGET, batch_size: int = 256,
-                 length_buckets: Sequence[int] | None = None, verify: bool = True,
+                 length_buckets: Sequence[int] | None = None, verify: bool | str = True,
                  backend: str = "ort", show_progress_bar: bool = False, **backend_options: Any):
         self.model_dir = os.fspath(model_dir)
         _drop_reference_only_options(backend_options)

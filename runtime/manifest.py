@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,59 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
                 break
             h.update(block)
     return h.hexdigest()
+
+
+#: a file's hash is remembered as verified only once its last change is this old: a change within the
+#: same timestamp tick as the one before (1-2 s on some filesystems) would keep size, mtime and ctime
+STAMP_MIN_AGE_NS = 2_000_000_000
+#: files whose sha256 this process verified, by stamp (see _stamp)
+_VERIFIED: set[str] = set()
+
+
+def verified_dir() -> str:
+    """Where verified-file stamps are kept: ``$BGERT_CACHE_DIR/verified`` (default ``~/.cache/bgert``),
+    outside the artifact, so read-only artifact directories are checked the same way."""
+    root = os.environ.get("BGERT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "bgert")
+    return os.path.join(root, "verified")
+
+
+def _stamp(st: os.stat_result, sha256: str) -> str:
+    """A name for "this file, unchanged since, hashes to sha256": device, inode, size, mtime and ctime
+    (ctime cannot be set back, so restoring an mtime after an edit still changes the stamp)."""
+    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{sha256}"
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _remember(st: os.stat_result, sha256: str) -> None:
+    """Record that the file of ``st`` hashed to ``sha256`` (in this process and, where it can, on disk)."""
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < STAMP_MIN_AGE_NS:
+        return  # too fresh to tell a later same-tick change apart
+    stamp = _stamp(st, sha256)
+    _VERIFIED.add(stamp)
+    try:
+        os.makedirs(verified_dir(), exist_ok=True)
+        os.close(os.open(os.path.join(verified_dir(), stamp), os.O_CREAT | os.O_WRONLY, 0o644))
+    except OSError:  # a read-only or missing cache directory: the check stays a full one next time
+        pass
+
+
+def _remembered(st: os.stat_result, sha256: str) -> bool:
+    stamp = _stamp(st, sha256)
+    if stamp in _VERIFIED:
+        return True
+    if os.path.exists(os.path.join(verified_dir(), stamp)):
+        _VERIFIED.add(stamp)
+        return True
+    return False
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of ``path`` (``sha256_file``), remembered as verified for later cheap checks."""
+    before = os.stat(path)
+    digest = sha256_file(path)
+    if _stamp(os.stat(path), digest) == _stamp(before, digest):  # not changed while it was read
+        _remember(before, digest)
+    return digest
 
 
 @dataclass
@@ -137,12 +191,18 @@ def default_buckets(max_length: int, smallest: int = 16) -> list[int]:
     return out
 
 
-def read_manifest(artifact_dir: str, verify: bool = True) -> Manifest:
-    """Load ``manifest.json`` from ``artifact_dir`` and, with ``verify``, check every file's sha256.
+def read_manifest(artifact_dir: str, verify: bool | str = True) -> Manifest:
+    """Load ``manifest.json`` from ``artifact_dir`` and check its files.
 
-    Raises ArtifactError naming the file and what to do when the directory is not an artifact,
-    the schema version is unknown, a listed file is missing, or a hash does not match.
+    ``verify=True`` checks every file's sha256, hashing only files not verified before in their
+    present state (same device, inode, size, mtime and ctime: see ``verified_dir``), so loading a
+    multi-GB artifact again costs a ``stat`` per file; ``verify="full"`` hashes every file;
+    ``verify=False`` only checks that they exist. Raises ArtifactError naming the file and what to
+    do when the directory is not an artifact, the schema version is unknown, a listed file is
+    missing, or a hash does not match.
     """
+    if verify not in (True, False, "full"):
+        raise ValueError(f"verify must be True, False or 'full', got {verify!r}")
     artifact_dir = os.fspath(artifact_dir)
     if not os.path.isdir(artifact_dir):
         raise ArtifactError(f"{artifact_dir!r} is not a directory. Pass the directory written by "
@@ -170,7 +230,7 @@ def read_manifest(artifact_dir: str, verify: bool = True) -> Manifest:
             raise ArtifactError(f"{mpath} lacks the required key {key!r}. Re-export the artifact.")
     m = Manifest(root=artifact_dir, raw=raw)
     if verify:
-        verify_files(m)
+        verify_files(m, full=verify == "full")
     else:
         for rel in raw["files"]:
             if not os.path.isfile(m.path(rel)):
@@ -178,8 +238,11 @@ def read_manifest(artifact_dir: str, verify: bool = True) -> Manifest:
     return m
 
 
-def file_problems(m: Manifest) -> dict[str, str]:
-    """What is wrong with each listed file that is missing or does not match its sha256 (empty: all good)."""
+def file_problems(m: Manifest, full: bool = True) -> dict[str, str]:
+    """What is wrong with each listed file that is missing or does not match its sha256 (empty: all good).
+
+    ``full=False`` skips the hashing of files verified before and unchanged since (see read_manifest).
+    """
     problems = {}
     for rel, expected in m.raw["files"].items():
         p = m.path(rel)
@@ -187,37 +250,44 @@ def file_problems(m: Manifest) -> dict[str, str]:
             problems[rel] = (f"{p} is listed in the manifest but missing. The artifact is incomplete: "
                              "re-export it (bgert export ... --force).")
             continue
-        got = sha256_file(p)
+        if not full and _remembered(os.stat(p), expected):
+            continue
+        got = file_sha256(p)
         if got != expected:
             problems[rel] = (f"{p} does not match its sha256 in the manifest (expected {expected[:12]}…, "
                              f"got {got[:12]}…): the file was changed or damaged. Re-export the artifact.")
     return problems
 
 
-def verify_files(m: Manifest) -> None:
-    """Check that every file the manifest lists exists and matches its sha256 (ArtifactError otherwise)."""
-    problems = file_problems(m)
+def verify_files(m: Manifest, full: bool = True) -> None:
+    """Check that every file the manifest lists exists and matches its sha256 (ArtifactError otherwise);
+    ``full=False`` as in ``file_problems``."""
+    problems = file_problems(m, full)
     if problems:
         raise ArtifactError(next(iter(problems.values())))
 
 
-def list_files(artifact_dir: str) -> dict[str, str]:
-    """Every file under ``artifact_dir`` but the manifest, as ``write_manifest`` expects ``raw['files']``
-    (relative path -> "" until it is hashed)."""
+def list_files(artifact_dir: str, known: dict[str, str] | None = None) -> dict[str, str]:
+    """Every file under ``artifact_dir`` but the manifest, as ``write_manifest`` expects ``raw['files']``:
+    relative path -> its sha256 from ``known`` (files hashed earlier in the same export), else ""."""
     out = {}
     for d, _, files in os.walk(artifact_dir):
         for f in files:
             rel = os.path.relpath(os.path.join(d, f), artifact_dir)
             if rel != MANIFEST_FILE:
-                out[rel] = ""
+                out[rel] = (known or {}).get(rel, "")
     return out
 
 
 def write_manifest(artifact_dir: str, raw: dict[str, Any]) -> str:
-    """Write ``manifest.json`` after hashing every file listed in ``raw['files']`` (keys only)."""
+    """Write ``manifest.json``. Files of ``raw['files']`` without a hash are hashed, and their hashes
+    filled into ``raw['files']`` itself, so an export hashes each file once however often it writes."""
+    for rel in sorted(raw["files"]):
+        if not raw["files"][rel]:
+            raw["files"][rel] = file_sha256(os.path.join(artifact_dir, rel))
     raw = dict(raw)
     raw["schema_version"] = SCHEMA_VERSION
-    raw["files"] = {rel: sha256_file(os.path.join(artifact_dir, rel)) for rel in sorted(raw["files"])}
+    raw["files"] = dict(sorted(raw["files"].items()))
     path = os.path.join(artifact_dir, MANIFEST_FILE)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(raw, f, indent=2, sort_keys=False, ensure_ascii=False)

@@ -318,3 +318,67 @@ def test_doctor_catches_a_graph_that_gives_wrong_numbers(art, monkeypatch):
     rep = doctor_cmd.check_artifact(art)
     assert not rep["ok"]
     assert "other numbers for a batch" in next(c["detail"] for c in rep["checks"] if c["name"] == "inference")
+
+
+# ---- hashing: once per export, cheap at load once verified ---------------------------------------
+@pytest.fixture
+def counted_hashes(monkeypatch, tmp_path):
+    """{path: times hashed} by bgert.runtime.manifest, with stamps kept in a private cache directory and
+    trusted however fresh the file (the 2 s guard against same-tick edits would otherwise apply)."""
+    from bgert.runtime import manifest
+
+    calls: dict[str, int] = {}
+    real = manifest.sha256_file
+
+    def counting(path, *a, **kw):
+        calls[os.path.realpath(path)] = calls.get(os.path.realpath(path), 0) + 1
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(manifest, "sha256_file", counting)
+    monkeypatch.setattr(manifest, "STAMP_MIN_AGE_NS", 0)
+    monkeypatch.setattr(manifest, "_VERIFIED", set())
+    monkeypatch.setenv("BGERT_CACHE_DIR", str(tmp_path / "cache"))
+    return calls
+
+
+def test_an_export_hashes_each_file_once(tiny_bge, tmp_path, counted_hashes):
+    from bgert.export import export
+
+    out = export(tiny_bge, str(tmp_path / "out"), progress=False, precisions=["int8"])
+    files = read_manifest(out, verify=False).raw["files"]
+    assert {"model.onnx", "model.int8.onnx", "tokenizer.json"} <= set(files)
+    hashed = {os.path.basename(p): n for p, n in counted_hashes.items() if not p.startswith(os.path.realpath(tiny_bge))}
+    assert hashed == {os.path.basename(f): 1 for f in files}, hashed
+
+
+def test_load_check_is_a_stat_once_verified_and_still_refuses_a_change(art, counted_hashes, tmp_path):
+    graph = os.path.realpath(os.path.join(art, "model.onnx"))
+    Embedder(art)
+    assert counted_hashes[graph] == 1
+    Embedder(art)
+    load(art)
+    assert counted_hashes[graph] == 1  # verified and unchanged: not hashed again, in this process
+    from bgert.runtime import manifest
+
+    manifest._VERIFIED.clear()
+    Embedder(art)
+    assert counted_hashes[graph] == 1  # nor in another one (the stamp on disk)
+    Embedder(art, verify="full")
+    assert counted_hashes[graph] == 2  # unless asked for
+    st = os.stat(graph)
+    flip_byte(graph)
+    os.utime(graph, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, mtime put back: the ctime still moved
+    with pytest.raises(ArtifactError, match=r"model\.onnx does not match its sha256"):
+        Embedder(art)
+    with pytest.raises(ValueError, match="verify must be True, False or 'full'"):
+        Embedder(art, verify="fast")
+
+
+def test_load_check_works_without_a_writable_cache(art, counted_hashes, monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("BGERT_CACHE_DIR", str(blocker))  # makedirs under a file fails
+    Embedder(art).encode(["a"])
+    flip_byte(os.path.join(art, "model.onnx"))
+    with pytest.raises(ArtifactError, match=r"model\.onnx does not match its sha256"):
+        Embedder(art)

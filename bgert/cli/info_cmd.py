@@ -22,7 +22,7 @@ def _fmt_quality(q: dict) -> str:
 
 def describe(artifact: str, verify: bool = False) -> str:
     """A short human summary of an artifact: kind, source, lengths, graphs with their quality."""
-    m = read_manifest(artifact, verify=verify)
+    m = read_manifest(artifact, verify="full" if verify else False)
     raw = m.raw
     lines = [f"artifact   {m.root}",
              f"kind       {m.kind} ({m.family})",
@@ -47,7 +47,7 @@ def describe(artifact: str, verify: bool = False) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.json:
-        print(json.dumps(read_manifest(args.artifact, verify=args.verify).raw, indent=2, ensure_ascii=False))
+        print(json.dumps(read_manifest(args.artifact, verify="full" if args.verify else False).raw, indent=2, ensure_ascii=False))
     else:
         print(describe(args.artifact, verify=args.verify))
     return 0
