@@ -9,11 +9,12 @@ the token-counted queue (bgert.runtime.token_queue) runs in batches shared with 
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import platform
 import threading
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -108,6 +109,23 @@ def cpu_buckets(max_length: int) -> list[int]:
 #: them at export (precision=, providers= are the runtime's equivalents), so they are accepted
 #: for drop-in compatibility and ignored with one log line.
 REFERENCE_ONLY_OPTIONS = ("use_fp16", "use_bf16", "devices", "trust_remote_code", "cache_dir", "pooling_method")
+
+
+#: FlagEmbedding call arguments that choose torch devices or data loading (``device`` of its
+#: encode/compute_score workers, ``use_dataloader`` and ``num_workers`` of its LLM rerankers): accepted
+#: by every call and ignored, like REFERENCE_ONLY_OPTIONS in the constructor
+REFERENCE_ONLY_CALL_OPTIONS = ("device", "use_dataloader", "num_workers")
+
+
+def check_call_options(method: Callable[..., Any], options: Mapping[str, Any]) -> None:
+    """Refuse keyword arguments that ``method`` does not take (a misspelt one must not be silently
+    ignored), naming those it takes; FlagEmbedding's REFERENCE_ONLY_CALL_OPTIONS pass."""
+    unknown = sorted(set(options) - set(REFERENCE_ONLY_CALL_OPTIONS))
+    if unknown:
+        takes = [n for n, p in inspect.signature(method).parameters.items()
+                 if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"]
+        raise TypeError(f"{method.__qualname__}() got unknown keyword argument(s) {', '.join(unknown)}; it takes "
+                        f"{', '.join(takes)} (and FlagEmbedding's {', '.join(REFERENCE_ONLY_CALL_OPTIONS)}, ignored)")
 
 
 def _drop_reference_only_options(options: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from .base import check_call_options
 from .embedder import Embedder
 from .request import Request, request_method
 from .tokenize import check_max_length, check_texts
@@ -125,9 +126,10 @@ class DecoderEmbedder(Embedder):
     def encode_queries(self, queries: str | Sequence[str], batch_size: int | None = None,
                        max_length: int | None = None, convert_to_numpy: bool = True, *,
                        instruction: str | None = None, examples: Sequence[Example] | None = None,
-                       **kwargs: Any) -> Request:
+                       normalize_embeddings: bool | None = None, **reference_only: Any) -> Request:
         """Embed queries with the instruction (per call, else the constructor's) and, for ICL models,
         the in-context examples (per call, else the constructor's / set_examples')."""
+        check_call_options(self.encode_queries, reference_only)
         instruction = instruction if instruction is not None else self.query_instruction_for_retrieval
         max_length = check_max_length(max_length or self.query_max_length, self.max_length)
         if examples is not None and not self.icl:
@@ -141,4 +143,4 @@ class DecoderEmbedder(Embedder):
         else:
             seqs, cut = self.tokenizer.encode_checked(
                 with_instruction(instruction, self.query_instruction_format, texts), max_length)
-        return self._vectors(seqs, single, batch_size, convert_to_numpy, kwargs.pop("normalize_embeddings", None), cut)
+        return self._vectors(seqs, single, batch_size, convert_to_numpy, normalize_embeddings, cut)

@@ -5,7 +5,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import BgeModel
+from .base import BgeModel, check_call_options
 from .request import Item, Request, request_method
 from .tokenize import check_max_length, check_texts
 
@@ -51,12 +51,14 @@ class Embedder(BgeModel):
     @request_method
     def encode(self, sentences: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None,
                convert_to_numpy: bool = True, normalize_embeddings: bool | None = None,
-               instruction: str | None = None, instruction_format: str = "{}{}", **_: Any) -> Request:
+               instruction: str | None = None, instruction_format: str = "{}{}", **reference_only: Any) -> Request:
         """Embed ``sentences``: a str gives a 1-D float32 vector, a list a [n, dim] array.
 
         ``max_length`` counts special tokens and any instruction (default: the passage max length,
-        capped by the model's). ``convert_to_numpy=False`` gives a list of 1-D arrays.
+        capped by the model's). ``convert_to_numpy=False`` gives a list of 1-D arrays. Other keyword
+        arguments are refused, but FlagEmbedding's ``device``-like ones (REFERENCE_ONLY_CALL_OPTIONS).
         """
+        check_call_options(self.encode, reference_only)
         texts, single = check_texts(sentences)
         texts = format_instruction(instruction, instruction_format, texts)
         max_length = check_max_length(max_length or self.passage_max_length, self.max_length)

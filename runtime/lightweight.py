@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .base import check_call_options
 from .manifest import Graph
 from .reranker import LLMReranker, Pair, check_pairs
 from .request import Item, Request, request_method
@@ -71,8 +72,9 @@ class LightweightReranker(LLMReranker):
                       query_max_length: int | None = None, max_length: int | None = None,
                       cutoff_layers: int | Sequence[int] | None = None, compress_ratio: int | None = None,
                       compress_layers: Sequence[int] | None = None, prompt: str | None = None,
-                      normalize: bool | None = None) -> Request:
+                      normalize: bool | None = None, **reference_only: Any) -> Request:
         """Scores per pair at each cutoff: a list for one cutoff, a list of lists (ascending layers) for several."""
+        check_call_options(self.compute_score, reference_only)
         combo = canonical(self.cutoff_layers if cutoff_layers is None else cutoff_layers,
                           self.compress_ratio if compress_ratio is None else compress_ratio,
                           self.compress_layers if compress_layers is None else compress_layers, *self.layout)

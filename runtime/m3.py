@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import BgeModel
+from .base import BgeModel, check_call_options
 from .batching import Batch, pad
 from .embedder import format_instruction
 from .manifest import Manifest
@@ -185,7 +185,7 @@ class M3Embedder(BgeModel):
     def encode(self, sentences: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None,
                return_dense: bool | None = None, return_sparse: bool | None = None,
                return_colbert_vecs: bool | None = None, instruction: str | None = None,
-               instruction_format: str = "{}{}", **_: Any) -> Request:
+               instruction_format: str = "{}{}", **reference_only: Any) -> Request:
         """BGEM3FlagModel.encode: ``{"dense_vecs", "lexical_weights", "colbert_vecs"}``, None where not asked.
 
         ``dense_vecs``: float32 [n, dim]; ``lexical_weights``: per text a defaultdict(int) of
@@ -194,6 +194,7 @@ class M3Embedder(BgeModel):
         A str input gives one vector, one dict, one array. ``max_length`` defaults to 512, as in
         BGEM3FlagModel (``passage_max_length``); it is capped by the artifact's max length.
         """
+        check_call_options(self.encode, reference_only)
         want = self._want(self.return_dense if return_dense is None else return_dense,
                           self.return_sparse if return_sparse is None else return_sparse,
                           self.return_colbert_vecs if return_colbert_vecs is None else return_colbert_vecs)
@@ -299,7 +300,8 @@ class M3Embedder(BgeModel):
     def compute_score(self, sentence_pairs: Sequence[tuple[str, str]] | tuple[str, str],
                       batch_size: int | None = None, max_query_length: int | None = None,
                       max_passage_length: int | None = None,
-                      weights_for_different_modes: Sequence[float] | None = None, **_: Any) -> Request:
+                      weights_for_different_modes: Sequence[float] | None = None,
+                      **reference_only: Any) -> Request:
         """BGEM3FlagModel.compute_score: per pair the dense, sparse and ColBERT scores and two
         weighted sums (weights [dense, sparse, colbert], default [1, 1, 1]); a dict of lists of
         float, or of floats for a single pair.
@@ -309,6 +311,7 @@ class M3Embedder(BgeModel):
         so a query token whose every similarity is negative scores 0 instead of its best one.
         (Only the call's own pairs and ``batch_size`` decide it, so the queue may merge calls.)
         """
+        check_call_options(self.compute_score, reference_only)
         if isinstance(sentence_pairs, list) and len(sentence_pairs) == 0:
             return Request(self.job(self.graph(), ()), [], lambda rows: [])
         want = self._want(True, True, True)

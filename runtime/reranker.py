@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .base import BgeModel
+from .base import BgeModel, check_call_options
 from .embedder import format_instruction
 from .manifest import ArtifactError, Graph, Manifest
 from .request import Item, Request, request_method
@@ -224,8 +224,9 @@ class Reranker(_PairReranker):
     @request_method
     def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
                       query_max_length: int | None = None, max_length: int | None = None,
-                      normalize: bool | None = None) -> Request:
+                      normalize: bool | None = None, **reference_only: Any) -> Request:
         """Relevance logit per (query, passage) pair (sigmoid with ``normalize=True``), as a list."""
+        check_call_options(self.compute_score, reference_only)
         pairs = check_pairs(sentence_pairs)
         query_max_length, max_length = self._lengths(query_max_length, max_length)
         sides, cut = self._sides(pairs, query_max_length, max_length)
@@ -272,8 +273,9 @@ class LLMReranker(_PairReranker):
     @request_method
     def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
                       query_max_length: int | None = None, max_length: int | None = None,
-                      prompt: str | None = None, normalize: bool | None = None) -> Request:
+                      prompt: str | None = None, normalize: bool | None = None, **reference_only: Any) -> Request:
         """``Yes`` logit per (query, passage) pair (sigmoid with ``normalize=True``), as a list."""
+        check_call_options(self.compute_score, reference_only)
         items, cut = self._items(check_pairs(sentence_pairs), query_max_length, max_length, prompt)
         return self._request(items, self.graph(), batch_size, cut, lambda scores: self._finish(scores, normalize))
 
@@ -330,8 +332,9 @@ class LayerwiseReranker(LLMReranker):
     def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
                       query_max_length: int | None = None, max_length: int | None = None,
                       cutoff_layers: int | Sequence[int] | None = None, prompt: str | None = None,
-                      normalize: bool | None = None) -> Request:
+                      normalize: bool | None = None, **reference_only: Any) -> Request:
         """Scores per pair at each requested cutoff layer: a list, or a list of lists (one per layer)."""
+        check_call_options(self.compute_score, reference_only)
         cutoffs = self._cutoffs(cutoff_layers)
         graph = self.graph_for(cutoffs)
         items, cut = self._items(check_pairs(sentence_pairs), query_max_length, max_length, prompt)

@@ -146,3 +146,10 @@ def test_variants_against_flagembedding(gemma2, mistral, variants, precision):
         low = variant_checks.COS_MIN[precision]
         assert cos_min(ref.encode_queries(QUERIES), model.encode_queries(QUERIES)) >= low, name
         assert cos_min(ref.encode_corpus(PASSAGES), model.encode_corpus(PASSAGES)) >= low, name
+
+
+def test_misspelt_keyword_arguments_are_refused(mistral):
+    model = load(mistral[1])
+    for call in (model.encode_queries, model.encode_corpus):
+        with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) normalise_embeddings; it takes "):
+            call(["a"], normalise_embeddings=False)

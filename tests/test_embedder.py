@@ -205,3 +205,13 @@ def test_flagembedding_only_options_are_accepted_and_typos_are_not(tiny_bge_art)
     assert m.encode("a").shape == (m.dim,)
     with pytest.raises(TypeError, match="intra_op_num_thread"):
         Embedder(tiny_bge_art, intra_op_num_thread=2)
+
+
+def test_misspelt_keyword_arguments_are_refused(tiny_bge_art):
+    """A typo (normalise_embeddings) raises naming what encode takes; FlagEmbedding's device=… is accepted."""
+    model = Embedder(tiny_bge_art)
+    for call in (model.encode, model.encode_queries, model.encode_corpus):
+        with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) normalise_embeddings; it takes "
+                                            r"sentences, batch_size, max_length, convert_to_numpy, normalize_embeddings"):
+            call(["a"], normalise_embeddings=False)
+    np.testing.assert_array_equal(model.encode(["a"], device="cuda:0"), model.encode(["a"]))

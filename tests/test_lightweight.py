@@ -84,3 +84,8 @@ def test_the_tokenizer_keeps_its_padding_side(model):
     """Right padding (what the reference forces) is the model's, passed per call: the tokenizer is not changed."""
     assert model.padding_side == "right"
     assert model.tokenizer.padding_side == model.manifest.tokenizer_info["padding_side"] == "left"
+
+
+def test_misspelt_keyword_arguments_are_refused(model):
+    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) compress_ration; it takes .*compress_ratio"):
+        model.compute_score([("q", "p")], compress_ration=2)

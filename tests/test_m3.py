@@ -297,3 +297,12 @@ def test_importing_the_m3_spec_leaves_onnxruntime_alone():
     code = ("import onnxruntime.transformers.optimizer as o; before = dict(o.MODEL_TYPES); "
             "import bgert.export.m3_spec; assert o.MODEL_TYPES == before, set(o.MODEL_TYPES) - set(before)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_misspelt_keyword_arguments_are_refused(m3_art):
+    model = M3Embedder(m3_art)
+    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) return_sparce; it takes .*return_sparse"):
+        model.encode(["a"], return_sparce=True)
+    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) weights; it takes .*weights_for_different"):
+        model.compute_score([("q", "p")], weights=[1, 1, 1])
+    assert model.encode(["a"], device="cpu")["dense_vecs"].shape == (1, model.dim)

@@ -327,3 +327,12 @@ def test_each_layerwise_graph_keeps_its_own_fusion_counts(minicpm_ckpt, tmp_path
     with caplog.at_level("WARNING", logger="bgert"):
         tensorrt.tensorrt_options(model.manifest, model.graph_for([2]), {16: 1}, cache_dir=str(tmp_path / "trt"))
     assert "Attention×2" in caplog.text
+
+
+def test_misspelt_keyword_arguments_are_refused(cross_art, gemma_art, minicpm_art):
+    for art, typo in ((cross_art, "normalise"), (gemma_art, "promt"), (minicpm_art, "cutoff_layer")):
+        model = load(art)
+        with pytest.raises(TypeError, match=rf"unknown keyword argument\(s\) {typo}; it takes .*normalize"):
+            model.compute_score([("q", "p")], **{typo: 1})
+        assert model.compute_score([("q", "p")], device="cuda", use_dataloader=True, num_workers=2) == \
+            model.compute_score([("q", "p")])
