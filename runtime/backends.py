@@ -24,6 +24,12 @@ _OPT_LEVELS = {
 }
 
 
+#: ONNX Runtime's tensor type names (NodeArg.type, OrtValue.data_type()) -> numpy dtype
+ORT_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                   "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+                   "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
 class Backend(Protocol):
     input_names: list[str]
 

@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from .backends import OrtBackend
+from .backends import ORT_NUMPY_TYPES, OrtBackend
 from .providers import GPU_PROVIDERS, ProviderError, ProviderSpec
 
 log = logging.getLogger("bgert")
@@ -41,10 +41,6 @@ log = logging.getLogger("bgert")
 #: the run option naming a captured CUDA graph; -1 runs without capturing or replaying
 GRAPH_ID_KEY = "gpu_graph_id"
 SKIP_GRAPH = -1
-#: OrtValue.data_type() -> numpy dtype (bindings take numpy dtypes in every onnxruntime version)
-NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-               "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
 
 def bucket_shapes(buckets: Sequence[int], token_budget: int, batch_size: int) -> dict[int, int]:
@@ -213,7 +209,7 @@ class IoBindingBackend(OrtBackend):
 
     def _allocate_output(self, name: str, value: ort.OrtValue, rows: int,
                          capacity: int) -> tuple[ort.OrtValue, type]:
-        shape, dtype = list(value.shape()), NUMPY_TYPES.get(value.data_type())
+        shape, dtype = list(value.shape()), ORT_NUMPY_TYPES.get(value.data_type())
         if not shape or shape[0] != rows or dtype is None:
             raise ValueError(f"output {name!r} is a {value.data_type()} of shape {shape}; the IO-binding backend "
                              "needs batch-first numeric outputs. Use io_binding=False.")

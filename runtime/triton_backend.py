@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import threading
-import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -23,9 +22,6 @@ import numpy as np
 from .manifest import Graph, Manifest
 
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
-#: numpy dtype → Triton wire datatype for the tensors the runtime sends
-_WIRE_TYPES = {np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32",
-               np.dtype(np.float16): "FP16", np.dtype(np.bool_): "BOOL"}
 #: the transient gRPC status codes worth a retry (the request never ran or may be re-run safely)
 _RETRY_GRPC = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
 #: model-config parameters bgert writes so a client can check it talks to the right graph
@@ -43,6 +39,10 @@ class TritonUnavailableError(TritonError):
 
 class TritonTimeoutError(TritonError):
     """A request did not finish within the client's timeout (not retried: the server may still run it)."""
+
+
+class _Unreachable(Exception):
+    """One attempt found the server unreachable (retried; TritonUnavailableError once retries are spent)."""
 
 
 def sanitize_name(name: str) -> str:
@@ -88,12 +88,21 @@ class TritonBackend:
                 import tritonclient.grpc as client_mod
             else:
                 import tritonclient.http as client_mod
-            from tritonclient.utils import InferenceServerException
+            import tenacity
+            from tritonclient.utils import InferenceServerException, np_to_triton_dtype
         except ImportError as e:
-            raise ImportError(f"backend='triton' needs tritonclient ({e}); install it with "
+            raise ImportError(f"backend='triton' needs tritonclient and tenacity ({e}); install them with "
                               "pip install 'bgert[triton]'") from e
         self._mod = client_mod
         self._exc = InferenceServerException
+        self._wire_type = np_to_triton_dtype
+        self._tenacity = tenacity
+        #: errors that mean the server was not reached or went away (TimeoutError, an OSError, is checked first)
+        self._gone: tuple[type[BaseException], ...] = (ConnectionError, OSError)
+        if protocol == "http":
+            from geventhttpclient.response import HTTPConnectionClosed  # the server went away mid-request
+
+            self._gone += (HTTPConnectionClosed,)
         self.protocol = protocol
         self.url = _strip_scheme(url or f"127.0.0.1:{DEFAULT_PORTS[protocol]}")
         self.model_name = model_name or model_step_name(default_repo_name(manifest), graph)
@@ -140,39 +149,42 @@ class TritonBackend:
             if any(s in status for s in _RETRY_GRPC) or "failed to connect" in msg.lower():
                 return "unavailable"
             return None
-        if isinstance(e, TimeoutError) or type(e).__name__ in ("Timeout", "timeout"):
+        if isinstance(e, TimeoutError):
             return "timeout"
-        if isinstance(e, (ConnectionError, OSError)) or type(e).__name__ == "HTTPConnectionClosed":
-            return "unavailable"  # geventhttpclient's HTTPConnectionClosed: the server went away mid-request
+        if isinstance(e, self._gone):
+            return "unavailable"
         return None
 
     def _call(self, what: str, fn: Callable[[Any], Any]) -> Any:
-        """``fn(client)`` with retries on transient failures; clear errors otherwise."""
-        last: BaseException | None = None
-        kind = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+        """``fn(client)``, retried by tenacity while the server is unreachable (``retries`` more attempts,
+        ``backoff * 2**n`` s apart); a timeout is not retried; clear errors otherwise."""
+        def attempt() -> Any:
             try:
                 return fn(self._client())
             except Exception as e:  # tritonclient, grpc and socket errors have no common base
                 kind = self._transient(e)
                 if kind is None:
                     raise TritonError(f"{self._where()} rejected {what}: {_message(e)}") from e
-                last = e
                 self._drop_client()  # reconnect on the next attempt
                 self._recheck = True  # and make sure the server that answers then still runs our graph
                 if kind == "timeout":  # the server may still be running it: a resend would pile up work
-                    break
-        if kind == "timeout":
-            raise TritonTimeoutError(f"{what} on {self._where()} timed out after {self.timeout:g}s (not retried: "
-                                     "the server may still be running it). Raise timeout=..., or check the "
-                                     "server's load.") from last
-        tries = f"{self.retries + 1} attempt{'s' if self.retries else ''}"
-        raise TritonUnavailableError(
-            f"cannot reach {self._where()} for {what} after {tries}: {_message(last)}. Is the server running "
-            "and listening there? Start one with `bgert triton-serve REPO` (see the README's Triton section), "
-            "and check url= and protocol=.") from last
+                    raise TritonTimeoutError(
+                        f"{what} on {self._where()} timed out after {self.timeout:g}s (not retried: the server "
+                        "may still be running it). Raise timeout=..., or check the server's load.") from e
+                raise _Unreachable(_message(e)) from e
+
+        t = self._tenacity
+        retrying = t.Retrying(stop=t.stop_after_attempt(self.retries + 1),
+                              wait=t.wait_exponential(multiplier=self.backoff, min=0),
+                              retry=t.retry_if_exception_type(_Unreachable), reraise=True)
+        try:
+            return retrying(attempt)
+        except _Unreachable as e:
+            tries = f"{self.retries + 1} attempt{'s' if self.retries else ''}"
+            raise TritonUnavailableError(
+                f"cannot reach {self._where()} for {what} after {tries}: {e}. Is the server running "
+                "and listening there? Start one with `bgert triton-serve REPO` (see the README's Triton section), "
+                "and check url= and protocol=.") from e.__cause__
 
     # ---- model checks ----------------------------------------------------------------------
     def _check_model(self) -> None:
@@ -231,9 +243,10 @@ class TritonBackend:
         inputs = []
         for name, arr in feeds.items():
             arr = np.ascontiguousarray(arr)
-            if arr.dtype not in _WIRE_TYPES:
-                raise TypeError(f"input {name!r} has dtype {arr.dtype}, which bgert does not send to Triton")
-            inp = mod.InferInput(name, list(arr.shape), _WIRE_TYPES[arr.dtype])
+            wire = self._wire_type(arr.dtype)
+            if wire is None:
+                raise TypeError(f"input {name!r} has dtype {arr.dtype}, which Triton does not take")
+            inp = mod.InferInput(name, list(arr.shape), wire)
             inp.set_data_from_numpy(arr)
             inputs.append(inp)
         outputs = [mod.InferRequestedOutput(n) for n in output_names]

@@ -40,7 +40,6 @@ from bgert.runtime.tokenize import check_max_length
 from bgert.runtime.triton_backend import (PARAM_PRECISION, PARAM_SHA256, default_repo_name, model_step_name,
                                           sanitize_name)
 
-from .pbtxt import Sym, dumps
 
 log = logging.getLogger("bgert")
 
@@ -56,8 +55,6 @@ PAIR_KINDS = ("reranker", "llm_reranker")
 M3_POSTPROCESS = {"sparse": ("lexical_ids", "lexical_weights", "lexical_lengths"),
                   "colbert": ("colbert_vecs", "colbert_lengths")}
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_TRITON_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(int64)": "TYPE_INT64",
-                 "tensor(int32)": "TYPE_INT32", "tensor(bool)": "TYPE_BOOL", "tensor(double)": "TYPE_FP64"}
 
 
 def choose_graphs(manifest: Manifest, precision: str | None, device: str) -> list[Graph]:
@@ -76,16 +73,21 @@ def graph_io(path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Inputs and outputs of an ONNX graph as Triton tensor specs (batch axis dropped, symbolic dims -1)."""
     import onnxruntime as ort
 
+    from bgert.runtime.backends import ORT_NUMPY_TYPES
+
+    np_to_triton_dtype = _tritonclient().utils.np_to_triton_dtype
+
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
     sess = ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
 
     def spec(v: Any) -> dict[str, Any]:
-        if v.type not in _TRITON_TYPES:
+        wire = np_to_triton_dtype(ORT_NUMPY_TYPES[v.type]) if v.type in ORT_NUMPY_TYPES else None
+        if wire is None:
             raise ArtifactError(f"{path}: tensor {v.name!r} has type {v.type}, which has no Triton mapping here")
         dims = [d if isinstance(d, int) and d > 0 else -1 for d in v.shape[1:]]
-        out = {"name": v.name, "data_type": Sym(_TRITON_TYPES[v.type]), "dims": dims or [1]}
+        out = {"name": v.name, "data_type": f"TYPE_{wire}", "dims": dims or [1]}
         if not dims:  # one value per row ([batch]): Triton needs dims [1] reshaped to a scalar
             out["reshape"] = {"shape": []}
         return out
@@ -98,12 +100,12 @@ def preferred_batch_sizes(buckets: Sequence[int], token_budget: int, max_batch_s
     return sorted({max(1, min(max_batch_size, token_budget // b)) for b in buckets})
 
 
-def _params(values: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"key": k, "value": {"string_value": str(v)}} for k, v in values.items()]
+def _params(values: dict[str, Any]) -> dict[str, dict[str, str]]:
+    return {k: {"string_value": str(v)} for k, v in values.items()}
 
 
 def _instance_group(kind: str, count: int) -> list[dict[str, Any]]:
-    return [{"count": count, "kind": Sym(f"KIND_{kind.upper()}")}]
+    return [{"count": count, "kind": f"KIND_{kind.upper()}"}]
 
 
 def model_step_config(name: str, graph: Graph, manifest: Manifest, inputs: list, outputs: list, *, backend: str,
@@ -133,9 +135,9 @@ def model_step_config(name: str, graph: Graph, manifest: Manifest, inputs: list,
     if backend == "tensorrt":
         cfg["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [{
             "name": "tensorrt",
-            "parameters": [{"key": k, "value": str(v)} for k, v in {  # a map<string, string> here
+            "parameters": {k: str(v) for k, v in {  # a map<string, string> here
                 "precision_mode": "FP16", "max_workspace_size_bytes": workspace_bytes,
-                "trt_engine_cache_enable": 1, "trt_engine_cache_path": "/tmp/bgert-trt-cache"}.items()],
+                "trt_engine_cache_enable": 1, "trt_engine_cache_path": "/tmp/bgert-trt-cache"}.items()},
         }]}}
     elif backend == "onnxruntime" and device == "gpu":
         cfg["optimization"] = {"input_pinned_memory": {"enable": True}, "output_pinned_memory": {"enable": True}}
@@ -171,7 +173,7 @@ def _python_step(name: str, inputs: list, outputs: list, *, instances: int, max_
 
 
 def _strings(names: Sequence[str]) -> list[dict[str, Any]]:
-    return [{"name": n, "data_type": Sym("TYPE_STRING"), "dims": [1]} for n in names]
+    return [{"name": n, "data_type": "TYPE_STRING", "dims": [1]} for n in names]
 
 
 def _renamed(spec: dict[str, Any], name: str | None = None) -> dict[str, Any]:
@@ -221,7 +223,7 @@ def postprocess_config(name: str, manifest: Manifest, graph_inputs: list, graph_
     out_specs = {"lexical_ids": ("TYPE_INT64", [-1]), "lexical_weights": ("TYPE_FP32", [-1]),
                  "lexical_lengths": ("TYPE_INT32", [1]), "colbert_vecs": ("TYPE_FP32", [-1, dim]),
                  "colbert_lengths": ("TYPE_INT32", [1])}
-    outputs = [{"name": n, "data_type": Sym(out_specs[n][0]), "dims": out_specs[n][1]}
+    outputs = [{"name": n, "data_type": out_specs[n][0], "dims": out_specs[n][1]}
                for h in heads for n in M3_POSTPROCESS[h]]
     ids = [{"name": i["name"], "data_type": i["data_type"], "dims": [-1]} for i in graph_inputs
            if i["name"] in ("input_ids", "attention_mask")]
@@ -235,8 +237,8 @@ def ensemble_config(name: str, tokenizer: str, model: str, manifest: Manifest, g
                     ) -> dict[str, Any]:
     """config.pbtxt fields of the ensemble text → tokenizer → model (→ post-processing, whose config
     ``postprocess`` is); parameters tell clients the query instruction."""
-    def maps(names: Sequence[str], to: dict[str, str] | None = None) -> list[dict[str, str]]:
-        return [{"key": n, "value": (to or {}).get(n, n)} for n in names]
+    def maps(names: Sequence[str], to: dict[str, str] | None = None) -> dict[str, str]:
+        return {n: (to or {}).get(n, n) for n in names}
 
     texts = list(PAIR_INPUTS) if manifest.kind in PAIR_KINDS else [TEXT_INPUT]
     ids = [i["name"] for i in graph_inputs]
@@ -288,10 +290,33 @@ def vendor_runtime(dest: str) -> None:
             fh.write('"""bgert modules vendored by `bgert triton-repo` for the python-backend models."""\n')
 
 
+def _tritonclient() -> Any:
+    """tritonclient (its dtype names and Triton's ModelConfig protobuf), or an ImportError saying how to get it."""
+    try:
+        import tritonclient.grpc.model_config_pb2  # noqa: F401
+        import tritonclient.utils  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"bgert triton-repo needs tritonclient ({e}); install it with "
+                          "pip install 'bgert[triton]'") from e
+    return tritonclient
+
+
+def config_text(cfg: dict[str, Any]) -> str:
+    """``cfg`` (model config fields in protobuf's JSON mapping) as config.pbtxt text: checked against
+    Triton's ModelConfig message (tritonclient's model_config_pb2) and written by protobuf itself."""
+    from google.protobuf import json_format, text_format
+
+    try:
+        msg = json_format.ParseDict(cfg, _tritonclient().grpc.model_config_pb2.ModelConfig())
+    except json_format.ParseError as e:  # a bug here, not the user's: say which config
+        raise ValueError(f"bgert built an invalid config.pbtxt for {cfg.get('name')!r}: {e}") from e
+    return text_format.MessageToString(msg)
+
+
 def _write_config(model_dir: str, cfg: dict[str, Any]) -> None:
     os.makedirs(os.path.join(model_dir, "1"), exist_ok=True)
     with open(os.path.join(model_dir, "config.pbtxt"), "w", encoding="utf-8") as f:
-        f.write(f"# written by bgert triton-repo\n{dumps(cfg)}\n")
+        f.write(f"# written by bgert triton-repo\n{config_text(cfg)}")
 
 
 def _python_model(model_dir: str, source: str) -> None:

@@ -49,7 +49,7 @@ def cpu_features(cpu: dict[str, Any]) -> dict[str, bool | None]:
 def environment() -> dict[str, Any]:
     """Versions, ONNX Runtime providers, CPU features and GPUs, with notes on what they imply."""
     versions = package_versions(("bgert", "numpy", "tokenizers", "onnxruntime", "onnxruntime-gpu", "tritonclient",
-                                 "torch", "transformers", "optimum-onnx", "onnx", "FlagEmbedding"))
+                                 "torch", "transformers", "onnx", "FlagEmbedding"))
     cpu = cpu_info()
     report: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
                               "packages": versions, "cpu": {**cpu, "features": cpu_features(cpu)},
