@@ -18,6 +18,18 @@ def format_instruction(instruction: str | None, fmt: str, texts: Sequence[str]) 
     return [fmt.format(instruction, t) for t in texts]
 
 
+def query_settings(model: BgeModel, query_instruction_for_retrieval: str | None,
+                   query_instruction_format: str | None, normalize_embeddings: bool | None) -> None:
+    """Set ``model``'s query instruction and its format, ``graph_normalizes`` and ``normalize_embeddings``:
+    the constructor's arguments, else the manifest's (as FlagModel and BGEM3FlagModel take them)."""
+    m = model.manifest
+    model.query_instruction_for_retrieval = (query_instruction_for_retrieval if query_instruction_for_retrieval
+                                             is not None else m.get("query_instruction"))
+    model.query_instruction_format = query_instruction_format or m.get("query_instruction_format", "{}{}")
+    model.graph_normalizes = bool(m.get("normalize", True))
+    model.normalize_embeddings = model.graph_normalizes if normalize_embeddings is None else normalize_embeddings
+
+
 class Embedder(BgeModel):
     """Dense sentence embeddings from an exported encoder (FlagModel-compatible calls).
 
@@ -33,16 +45,10 @@ class Embedder(BgeModel):
                  query_instruction_format: str | None = None, normalize_embeddings: bool | None = None,
                  query_max_length: int | None = None, passage_max_length: int | None = None, **kwargs: Any):
         super().__init__(model_dir, **kwargs)
-        m = self.manifest
-        self.query_instruction_for_retrieval = (query_instruction_for_retrieval
-                                                if query_instruction_for_retrieval is not None
-                                                else m.get("query_instruction"))
-        self.query_instruction_format = query_instruction_format or m.get("query_instruction_format", "{}{}")
-        self.graph_normalizes = bool(m.get("normalize", True))
-        self.normalize_embeddings = self.graph_normalizes if normalize_embeddings is None else normalize_embeddings
+        query_settings(self, query_instruction_for_retrieval, query_instruction_format, normalize_embeddings)
         self.query_max_length = query_max_length or self.max_length
         self.passage_max_length = passage_max_length or self.max_length
-        self.output_name = m.get("output_name", "dense")
+        self.output_name = self.manifest.get("output_name", "dense")
 
     @property
     def dim(self) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 
 from .base import BgeModel, check_call_options
 from .batching import Batch, pad
-from .embedder import format_instruction
+from .embedder import format_instruction, query_settings
 from .manifest import Manifest
 from .request import Item, Job, Request, request_method
 from .tokenize import check_max_length, check_texts
@@ -100,12 +100,7 @@ class M3Embedder(BgeModel):
         super().__init__(model_dir, **kwargs)
         m = self.manifest
         self.heads: tuple[str, ...] = tuple(m.get("heads", ("dense", "sparse", "colbert")))
-        self.query_instruction_for_retrieval = (query_instruction_for_retrieval
-                                                if query_instruction_for_retrieval is not None
-                                                else m.get("query_instruction"))
-        self.query_instruction_format = query_instruction_format or m.get("query_instruction_format", "{}{}")
-        self.graph_normalizes = bool(m.get("normalize", True))
-        self.normalize_embeddings = self.graph_normalizes if normalize_embeddings is None else normalize_embeddings
+        query_settings(self, query_instruction_for_retrieval, query_instruction_format, normalize_embeddings)
         if self.graph_normalizes and not self.normalize_embeddings:
             raise ValueError("this artifact's graph outputs L2-normalised vectors; re-export with "
                              "`bgert export ... --no-normalize` to get raw ones.")
