@@ -12,6 +12,7 @@ reported at once, since the server may still be running the request and a resend
 """
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import threading
@@ -27,6 +28,11 @@ _RETRY_GRPC = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
 #: model-config parameters bgert writes so a client can check it talks to the right graph
 PARAM_SHA256 = "bgert_graph_sha256"
 PARAM_PRECISION = "bgert_precision"
+
+
+#: errors meaning the server was not reached or went away mid-request (geventhttpclient's
+#: HTTPConnectionClosed is an HTTPException); TimeoutError, an OSError too, is told apart first
+_GONE = (ConnectionError, OSError, http.client.HTTPException)
 
 
 class TritonError(RuntimeError):
@@ -97,12 +103,7 @@ class TritonBackend:
         self._exc = InferenceServerException
         self._wire_type = np_to_triton_dtype
         self._tenacity = tenacity
-        #: errors that mean the server was not reached or went away (TimeoutError, an OSError, is checked first)
-        self._gone: tuple[type[BaseException], ...] = (ConnectionError, OSError)
-        if protocol == "http":
-            from geventhttpclient.response import HTTPConnectionClosed  # the server went away mid-request
 
-            self._gone += (HTTPConnectionClosed,)
         self.protocol = protocol
         self.url = _strip_scheme(url or f"127.0.0.1:{DEFAULT_PORTS[protocol]}")
         self.model_name = model_name or model_step_name(default_repo_name(manifest), graph)
@@ -151,7 +152,7 @@ class TritonBackend:
             return None
         if isinstance(e, TimeoutError):
             return "timeout"
-        if isinstance(e, self._gone):
+        if isinstance(e, _GONE):
             return "unavailable"
         return None
 
