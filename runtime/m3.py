@@ -212,24 +212,20 @@ class M3Embedder(BgeModel):
 
     @request_method
     def encode_queries(self, queries: str | Sequence[str], batch_size: int | None = None,
-                       max_length: int | None = None, return_dense: bool | None = None,
-                       return_sparse: bool | None = None, return_colbert_vecs: bool | None = None,
-                       **kwargs: Any) -> Request:
-        """``encode`` with the query instruction (bge-m3 has none) and ``query_max_length``."""
+                       max_length: int | None = None, **kwargs: Any) -> Request:
+        """``encode`` with the query instruction (bge-m3 has none) and ``query_max_length``; the other
+        arguments are ``encode``'s (return_dense, return_sparse, return_colbert_vecs)."""
         return self.prepare("encode", queries, batch_size=batch_size, max_length=max_length or self.query_max_length,
-                           return_dense=return_dense, return_sparse=return_sparse,
-                           return_colbert_vecs=return_colbert_vecs, instruction=self.query_instruction_for_retrieval,
-                           instruction_format=self.query_instruction_format, **kwargs)
+                            instruction=self.query_instruction_for_retrieval,
+                            instruction_format=self.query_instruction_format, **kwargs)
 
     @request_method
     def encode_corpus(self, corpus: str | Sequence[str], batch_size: int | None = None,
-                      max_length: int | None = None, return_dense: bool | None = None,
-                      return_sparse: bool | None = None, return_colbert_vecs: bool | None = None,
-                      **kwargs: Any) -> Request:
-        """``encode`` with ``passage_max_length`` (no instruction), like BGEM3FlagModel.encode_corpus."""
+                      max_length: int | None = None, **kwargs: Any) -> Request:
+        """``encode`` with ``passage_max_length`` (no instruction), like BGEM3FlagModel.encode_corpus; the
+        other arguments are ``encode``'s."""
         return self.prepare("encode", corpus, batch_size=batch_size, max_length=max_length or self.passage_max_length,
-                           return_dense=return_dense, return_sparse=return_sparse,
-                           return_colbert_vecs=return_colbert_vecs, **kwargs)
+                            **kwargs)
 
     # ---- scores -----------------------------------------------------------------------------
     @staticmethod
