@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-PRECISIONS = ("fp32", "int8", "int8-vnni", "int8-static", "bf16", "ov-int8")
+ST_OPENVINO_PYTHON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "envs", "st-openvino", "bin", "python")
 
 
 def variants(art: str) -> list[str]:
@@ -48,6 +48,7 @@ def variants(art: str) -> list[str]:
 def _st_onnx_int8(model_dir: str, work: str, threads: int) -> Callable[[list[str]], np.ndarray]:
     """sentence-transformers' backend='onnx' with its own dynamic int8 export (the avx2 preset here, the
     avx512_vnni one on VNNI CPUs)."""
+    import glob
     import shutil
 
     from sentence_transformers import SentenceTransformer, export_dynamic_quantized_onnx_model
@@ -57,11 +58,12 @@ def _st_onnx_int8(model_dir: str, work: str, threads: int) -> Callable[[list[str
     d = os.path.join(work, "st-onnx")
     simd = cpu_info().get("simd", {})
     preset = "avx512_vnni" if simd.get("avx512_vnni") else "avx2"
-    name = f"model_qint8_{preset}.onnx"
-    if not os.path.isfile(os.path.join(d, "onnx", name)):
+    found = lambda: glob.glob(os.path.join(d, "onnx", f"model_q*int8_{preset}.onnx"))  # qint8 or quint8  # noqa: E731
+    if not found():
         shutil.rmtree(d, ignore_errors=True)
         shutil.copytree(model_dir, d)
         export_dynamic_quantized_onnx_model(SentenceTransformer(d, backend="onnx", device="cpu"), preset, d)
+    name = os.path.basename(found()[0])
     m = SentenceTransformer(d, backend="onnx", device="cpu", model_kwargs={
         "file_name": f"onnx/{name}", "provider": "CPUExecutionProvider"})
     return lambda texts: m.encode(texts, batch_size=32, normalize_embeddings=True)
@@ -78,10 +80,17 @@ def make_call(variant: str, art: str, model_dir: str, work: str, threads: int) -
         return lambda texts: m.encode(texts, batch_size=32, normalize_embeddings=True)
     if variant == "st-onnx-int8":
         return _st_onnx_int8(model_dir, work, threads)
-    if variant == "st-openvino":
+    if variant == "st-openvino":  # needs optimum-intel: benchmarks/envs/make_st_openvino_env.sh
+        import shutil
+
         from sentence_transformers import SentenceTransformer
 
-        m = SentenceTransformer(model_dir, backend="openvino", device="cpu")  # needs optimum-intel
+        d = os.path.join(work, "st-openvino")
+        if not os.path.isfile(os.path.join(d, "openvino", "openvino_model.xml")):
+            shutil.rmtree(d, ignore_errors=True)
+            shutil.copytree(model_dir, d)
+            SentenceTransformer(d, backend="openvino", device="cpu").save_pretrained(d)
+        m = SentenceTransformer(d, backend="openvino", device="cpu")  # its default: OpenVINO's own precision
         return lambda texts: m.encode(texts, batch_size=32, normalize_embeddings=True)
     from bgert.runtime import load
 
@@ -146,7 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue  # a variant that cannot run here is tried once
             vec = os.path.join(args.work, "vectors", v.replace(" ", "_")) if r == 0 else ""
             os.makedirs(os.path.dirname(vec or os.path.join(args.work, "vectors", "x")), exist_ok=True)
-            cmd = [sys.executable, "-m", "bgert.benchmarks.cpu_variants", "--worker", v, "--artifact", art,
+            python = args.st_openvino_python if v == "st-openvino" else sys.executable
+            cmd = [python, "-m", "bgert.benchmarks.cpu_variants", "--worker", v, "--artifact", art,
                    "--model", model_dir, "--work", args.work, "--threads", str(args.threads), "--vectors", vec]
             p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
             if p.returncode:
@@ -215,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--work", default="bench-work/cpu_variants", help="exported artifact, peer models, vectors")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--st-openvino-python", default=ST_OPENVINO_PYTHON,
+                   help="Python of the env with optimum-intel for sentence-transformers' OpenVINO backend "
+                        "(made by benchmarks/envs/make_st_openvino_env.sh; it needs a newer optimum than our pins)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--vectors", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -260,6 +260,11 @@ def plan(model: Any, tgts: Sequence[Target], stats: ActStats, qmax: int, smooth:
         errors.update({t.node: e for t, e in zip(users, errs)})
     k = int(round(fp32_nodes * len(tgts))) if fp32_nodes < 1 else int(fp32_nodes)
     excluded = sorted(errors, key=lambda n: -errors[n])[:max(0, min(k, len(tgts)))]
+    kept = set(excluded)
+    for act, users in groups.items():
+        if act in chosen_s and all(t.node in kept for t in users):
+            del chosen_s[act]  # every user stays fp32: smoothing would only add a Mul at run time
+            chosen_a[act] = None
     return Plan(chosen_s, chosen_a, excluded, errors)
 
 
