@@ -415,6 +415,22 @@ def openvino_outputs(path: str, precision: str, batches: Sequence[dict[str, np.n
     return out
 
 
+def _gate_on_openvino(entry: dict[str, Any], path: str, ref: dict[str, list], batches: Sequence[dict[str, np.ndarray]],
+                      held_out: dict[str, Any], scores: bool, gate: dict[str, float], raw: dict[str, Any],
+                      source: str, only_graph: bool) -> list[str]:
+    """Measure ``entry``'s graph at ``path`` on OpenVINO (its precision's hint) against the outputs ``ref``
+    of the fp32 graph ``source``; fill in its quality and gate_passed and the manifest's parity; return
+    its gate failures."""
+    p = entry["precision"]
+    sections = {"vs_fp32": compare(ref, openvino_outputs(path, p, batches), scores), "held_out": held_out}
+    summary = summarize(sections)
+    missed = gate_failures(summary, gate)
+    entry["quality"] = {**summary, "gate": gate, "measured_on": _host(cpu_int8_dot_exact()), **sections}
+    entry["gate_passed"] = not missed
+    raw.setdefault("parity", {})[p if only_graph else f"{p}:{source}"] = summary
+    return [f"{p} ({source}): " + "; ".join(missed)] if missed else []
+
+
 def _add_bf16(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tok: Any, sources: list[dict[str, Any]],
               held: Sequence[Any], s: Settings) -> None:
     """bf16 entries for every fp32 graph (the same file, read by OpenVINO with the bf16 hint), gated against
@@ -440,19 +456,12 @@ def _add_bf16(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tok: Any, sources
             names = input_names(path)
             batches = [f for f, _ in feeds(seqs, names, *_pad(raw))]
             ref = _cached(spec, ("fp32 outputs", g["file"]), lambda: graph_outputs(path, batches))
-            sections = {"vs_fp32": compare(ref, openvino_outputs(path, "bf16", batches), scores),
-                        "held_out": {"texts" if not scores else "pairs": len(seqs)}}
-            summary = summarize(sections)
-            missed = gate_failures(summary, gate)
-            entry["quality"] = {**summary, "gate": gate, "measured_on": _host(cpu_int8_dot_exact()), **sections}
-            entry["gate_passed"] = not missed
-            raw.setdefault("parity", {})["bf16" if len(sources) == 1 else f"bf16:{g['file']}"] = summary
-            if missed:
-                failures.append(f"bf16 ({g['file']}): " + "; ".join(missed))
+            failures += _gate_on_openvino(entry, path, ref, batches, {"texts" if not scores else "pairs": len(seqs)},
+                                          scores, gate, raw, g["file"], len(sources) == 1)
         raw["graphs"].append(entry)
     if failures and not s.keep_failed:
         raise ExportError("precision variant(s) missed their quality gate:\n  " + "\n  ".join(failures))
-    raw["files"] = list_files(tmp_dir)
+    raw["files"] = list_files(tmp_dir, raw["files"])
 
 
 def _add_ov_int8(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tok: Any, sources: list[dict[str, Any]],
@@ -491,19 +500,12 @@ def _add_ov_int8(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tok: Any, sour
         seqs = token_ids(hf_tok, held, raw["max_length"])
         batches = [f for f, _ in feeds(seqs, names, *_pad(raw))]
         ref = _cached(spec, ("fp32 outputs", g["file"]), lambda: graph_outputs(path, batches))
-        sections = {"vs_fp32": compare(ref, openvino_outputs(os.path.join(tmp_dir, dst), "ov-int8", batches), scores),
-                    "held_out": {"texts" if not scores else "pairs": len(seqs),
-                                 "source": "bundled SciFact sample (documents 100+, queries) + parity texts"}}
-        summary = summarize(sections)
-        gate = s.gate("ov-int8")
-        missed = gate_failures(summary, gate)
-        entry["quality"] = {**summary, "gate": gate, "measured_on": _host(cpu_int8_dot_exact()), **sections}
-        entry["gate_passed"] = not missed
-        raw.setdefault("parity", {})["ov-int8" if len(sources) == 1 else f"ov-int8:{g['file']}"] = summary
-        if missed:
-            failures.append(f"ov-int8 ({g['file']}): " + "; ".join(missed))
+        failures += _gate_on_openvino(entry, os.path.join(tmp_dir, dst), ref, batches,
+                                      {"texts" if not scores else "pairs": len(seqs),
+                                       "source": "bundled SciFact sample (documents 100+, queries) + parity texts"},
+                                      scores, s.gate("ov-int8"), raw, g["file"], len(sources) == 1)
         raw["graphs"].append(entry)
-    raw["files"] = list_files(tmp_dir)
+    raw["files"] = list_files(tmp_dir, raw["files"])
     if failures and not s.keep_failed:
         raise ExportError("precision variant(s) missed their quality gate:\n  " + "\n  ".join(failures))
     for f in failures:
