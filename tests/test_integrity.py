@@ -286,7 +286,7 @@ def test_doctor_checks_a_good_artifact(tiny_bge_art):
     art = json.loads(r.stdout)["artifact"]
     status = {c["name"]: c["status"] for c in art["checks"]}
     assert art["ok"] and status == {"schema": "ok", "sha256 model.onnx": "ok", "sha256 tokenizer.json": "ok",
-                                    "gate fp32": "ok", "inference": "ok"}
+                                    "gate fp32": "ok", "variant": "ok", "inference": "ok"}
     inference = next(c["detail"] for c in art["checks"] if c["name"] == "inference")
     assert "(2, 32) float32" in inference
 
