@@ -14,7 +14,7 @@ import logging
 import os
 import platform
 import threading
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from .providers import check_backend_options
 from .request import Item, Job, Request
 from .token_queue import QueuedAPI
 from .tokenize import TextTokenizer
+from .windows import DEFAULT_WINDOW_SIZE, iter_windows, window_length
 
 log = logging.getLogger("bgert")
 
@@ -168,7 +169,8 @@ class BgeModel(QueuedAPI):
                  graph_optimization_level: str = "all", sess_options: Any = None,
                  token_budget: int = DEFAULT_TOKEN_BUDGET, batch_size: int = 256,
                  length_buckets: Sequence[int] | None = None, verify: bool | str = True,
-                 backend: str = "ort", show_progress_bar: bool = False, **backend_options: Any):
+                 backend: str = "ort", show_progress_bar: bool = False, window_size: int = DEFAULT_WINDOW_SIZE,
+                 **backend_options: Any):
         self.model_dir = os.fspath(model_dir)
         _drop_reference_only_options(backend_options)
         self.manifest: Manifest = read_manifest(self.model_dir, verify=verify)
@@ -183,6 +185,7 @@ class BgeModel(QueuedAPI):
         self.max_length = self.manifest.max_length
         self.token_budget = int(token_budget)
         self.batch_size = int(batch_size)
+        self.window_size = window_length(int(window_size), 1)  # items tokenised and run at once (runtime.windows)
         self.length_buckets = check_buckets(length_buckets or self.manifest.length_buckets, self.max_length)
         self.show_progress_bar = show_progress_bar
         self.tuning = None
@@ -309,6 +312,18 @@ class BgeModel(QueuedAPI):
             if extra_inputs is not None:
                 feeds.update(extra_inputs(batch, ids, mask))
             yield batch, backend.run(feeds, output_names), mask
+
+    # ---- streaming ------------------------------------------------------------------------
+    def encode_iter(self, texts: Iterable[str], *, queries: bool = False, **kwargs: Any) -> Iterator[Any]:
+        """Embedders: ``encode`` (``encode_queries`` with ``queries=True``) of each window of ``texts``, any
+        iterable, yielded in order: an array [window, dim] per window (M3: BGEM3FlagModel's dict), so a
+        corpus never has to fit in memory. Keyword arguments are ``encode``'s."""
+        return iter_windows(self.encode_queries if queries else self.encode, texts, self.window_size, **kwargs)
+
+    def compute_score_iter(self, sentence_pairs: Iterable[Any], **kwargs: Any) -> Iterator[Any]:
+        """Rerankers (and M3): ``compute_score`` of each window of (query, passage) pairs, any iterable,
+        yielded in order. Keyword arguments are ``compute_score``'s."""
+        return iter_windows(self.compute_score, sentence_pairs, self.window_size, **kwargs)
 
     # ---- requests: prepare (tokenise) → run items → finish -------------------------------------
     def job(self, graph: Graph, outputs: Sequence[str], multiple_of: int = 1, padding_side: str | None = None) -> Job:

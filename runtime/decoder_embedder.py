@@ -22,6 +22,7 @@ from .base import check_call_options
 from .embedder import Embedder
 from .request import Request, request_method
 from .tokenize import check_max_length, check_texts
+from .windows import windowed
 
 Example = Mapping[str, str]
 #: HF's PreTrainedTokenizerBase.clean_up_tokenization replacements, in its order
@@ -122,6 +123,7 @@ class DecoderEmbedder(Embedder):
         cut = self.tokenizer.encode(texts, budget, add_special_tokens=False)
         return self.tokenizer.encode([prefix + self._decode(ids) + self.suffix for ids in cut], full_max)
 
+    @windowed(check_texts)
     @request_method
     def encode_queries(self, queries: str | Sequence[str], batch_size: int | None = None,
                        max_length: int | None = None, convert_to_numpy: bool = True, *,

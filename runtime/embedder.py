@@ -8,6 +8,7 @@ import numpy as np
 from .base import BgeModel, check_call_options
 from .request import Item, Request, request_method
 from .tokenize import check_max_length, check_texts
+from .windows import windowed
 
 
 def format_instruction(instruction: str | None, fmt: str, texts: Sequence[str]) -> list[str]:
@@ -54,6 +55,7 @@ class Embedder(BgeModel):
     def dim(self) -> int:
         return int(self.manifest.get("dim"))
 
+    @windowed(check_texts)
     @request_method
     def encode(self, sentences: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None,
                convert_to_numpy: bool = True, normalize_embeddings: bool | None = None,
@@ -97,6 +99,7 @@ class Embedder(BgeModel):
         return Request(self.job(self.graph(), [self.output_name]), [Item(s) for s in sequences], finish,
                        truncated=truncated, batch_size=batch_size)
 
+    @windowed(check_texts)
     @request_method
     def encode_queries(self, queries: str | Sequence[str], batch_size: int | None = None,
                        max_length: int | None = None, convert_to_numpy: bool = True, **kwargs: Any) -> Request:
@@ -105,6 +108,7 @@ class Embedder(BgeModel):
                             convert_to_numpy=convert_to_numpy, instruction=self.query_instruction_for_retrieval,
                             instruction_format=self.query_instruction_format, **kwargs)
 
+    @windowed(check_texts)
     @request_method
     def encode_corpus(self, corpus: str | Sequence[str], batch_size: int | None = None,
                       max_length: int | None = None, convert_to_numpy: bool = True, **kwargs: Any) -> Request:

@@ -17,6 +17,7 @@ import numpy as np
 from .base import check_call_options
 from .manifest import Graph
 from .reranker import LLMReranker, Pair, check_pairs
+from .windows import windowed
 from .request import Item, Request, request_method
 
 
@@ -67,6 +68,7 @@ class LightweightReranker(LLMReranker):
                          f"compress_layers={combo['compress_layers']} was not exported; this artifact has "
                          f"{self.combinations}. Re-export with that combination (export(..., combinations=[...])).")
 
+    @windowed(check_pairs)
     @request_method
     def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
                       query_max_length: int | None = None, max_length: int | None = None,

@@ -23,7 +23,9 @@ from .batching import Batch, pad
 from .embedder import format_instruction, query_settings
 from .manifest import Manifest
 from .request import Item, Job, Request, request_method
+from .reranker import check_pairs
 from .tokenize import check_max_length, check_texts
+from .windows import windowed
 
 #: BGEM3FlagModel's query_max_length / passage_max_length defaults (bge-m3 itself takes 8192)
 REFERENCE_MAX_LENGTH = 512
@@ -176,6 +178,7 @@ class M3Embedder(BgeModel):
     def _encoded(self, rows: Sequence[dict[str, Any]], want: Sequence[str]) -> _Encoded:
         return _Encoded(rows, self.dim, want, not self.graph_normalizes and self.normalize_embeddings)
 
+    @windowed(check_texts)
     @request_method
     def encode(self, sentences: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None,
                return_dense: bool | None = None, return_sparse: bool | None = None,
@@ -210,6 +213,7 @@ class M3Embedder(BgeModel):
 
         return Request(self.job(self.graph(), want), items, finish, truncated=cut, batch_size=batch_size)
 
+    @windowed(check_texts)
     @request_method
     def encode_queries(self, queries: str | Sequence[str], batch_size: int | None = None,
                        max_length: int | None = None, **kwargs: Any) -> Request:
@@ -219,6 +223,7 @@ class M3Embedder(BgeModel):
                             instruction=self.query_instruction_for_retrieval,
                             instruction_format=self.query_instruction_format, **kwargs)
 
+    @windowed(check_texts)
     @request_method
     def encode_corpus(self, corpus: str | Sequence[str], batch_size: int | None = None,
                       max_length: int | None = None, **kwargs: Any) -> Request:
@@ -287,6 +292,7 @@ class M3Embedder(BgeModel):
                 text = text.replace(a, b)
         return text
 
+    @windowed(check_pairs, by_batch=True)
     @request_method
     def compute_score(self, sentence_pairs: Sequence[tuple[str, str]] | tuple[str, str],
                       batch_size: int | None = None, max_query_length: int | None = None,

@@ -23,6 +23,7 @@ from .embedder import format_instruction
 from .manifest import ArtifactError, Graph, Manifest
 from .request import Item, Request, request_method
 from .tokenize import TextTokenizer, check_max_length, check_texts
+from .windows import windowed
 
 log = logging.getLogger("bgert")
 
@@ -36,27 +37,21 @@ def sigmoid(scores: Sequence[float]) -> list[float]:
     return [float(1 / (1 + np.exp(-np.float64(x)))) for x in scores]
 
 
-def check_pairs(sentence_pairs: Any) -> list[Pair]:
-    """One (query, passage) pair or a list of them → list of pairs; TypeError naming a bad item."""
+def check_pairs(sentence_pairs: Any, start: int = 0) -> list[Pair]:
+    """One (query, passage) pair or a list of them → list of pairs; TypeError naming a bad item (its index
+    counted from ``start``, for a window of a longer list)."""
     if isinstance(sentence_pairs, (list, tuple)) and sentence_pairs and isinstance(sentence_pairs[0], str):
         sentence_pairs = [sentence_pairs]
     if not isinstance(sentence_pairs, (list, tuple)):
         raise TypeError("sentence_pairs must be a (query, passage) pair or a list of pairs, "
                         f"got {type(sentence_pairs).__name__}")
     pairs = []
-    for i, pair in enumerate(sentence_pairs):
+    for i, pair in enumerate(sentence_pairs, start):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise TypeError(f"sentence_pairs[{i}] must be a (query, passage) pair, got {pair!r:.80}")
         query, passage = check_texts(list(pair), f"sentence_pairs[{i}]")[0]
         pairs.append((query, passage))
     return pairs
-
-
-def keep_first(ids: list[int], n: int, side: str) -> list[int]:
-    """Truncate to ``n`` ids from the end (``side='right'``) or the start, like HF truncation."""
-    if len(ids) <= n:
-        return ids
-    return ids[:n] if side == "right" else ids[len(ids) - n:]
 
 
 def trim_second(first_len: int, second: list[int], limit: int, side: str) -> list[int]:
@@ -84,11 +79,12 @@ def default_query_max_length(max_length: int) -> int:
 
 def tokenize_sides(tokenizer: TextTokenizer, queries: Sequence[str], passages: Sequence[str], query_max_length: int,
                    max_length: int, side: str) -> tuple[list[tuple[list[int], list[int]]], bool]:
-    """Each side tokenised without special tokens and truncated on its own (the query to
-    ``query_max_length``, the passage to ``max_length``); and whether any side was cut."""
-    sides = tokenizer.encode_pairs(queries, passages)
-    cut = any(len(q) > query_max_length or len(p) > max_length for q, p in sides)
-    return [(keep_first(q, query_max_length, side), keep_first(p, max_length, side)) for q, p in sides], cut
+    """Each side tokenised without special tokens and truncated on its own while tokenising (the query
+    to ``query_max_length``, the passage to ``max_length``, keeping the end opposite ``side``); and
+    whether any side was cut."""
+    q, q_cut = tokenizer.encode_checked(queries, query_max_length, add_special_tokens=False, side=side, warn=False)
+    p, p_cut = tokenizer.encode_checked(passages, max_length, add_special_tokens=False, side=side, warn=False)
+    return list(zip(q, p)), q_cut or p_cut
 
 
 def pair_template(manifest: Manifest) -> tuple[list[int], list[int] | None]:
@@ -221,6 +217,7 @@ class Reranker(_PairReranker):
         """Special tokens around the pair (the tokenizer's own template), the passage trimmed to fit."""
         return assemble_pair(self._template, self._template_types, query, passage, max_length, self.truncation_side)
 
+    @windowed(check_pairs)
     @request_method
     def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
                       query_max_length: int | None = None, max_length: int | None = None,
@@ -270,6 +267,7 @@ class LLMReranker(_PairReranker):
         pieces, cut = self._pieces(pairs, *self._lengths(query_max_length, max_length), prompt)
         return [Item(a + b + c) for a, b, c in pieces], cut
 
+    @windowed(check_pairs)
     @request_method
     def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
                       query_max_length: int | None = None, max_length: int | None = None,
@@ -328,6 +326,7 @@ class LayerwiseReranker(LLMReranker):
         """The graph that stops at ``max(cutoffs)`` layers (it scores every exported cutoff below)."""
         return self.graph(cutoff_layers=[c for c in self.exported_cutoffs if c <= max(cutoffs)])
 
+    @windowed(check_pairs)
     @request_method
     def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
                       query_max_length: int | None = None, max_length: int | None = None,

@@ -6,6 +6,7 @@ padding (by length bucket, in bgert.runtime.batching).
 """
 from __future__ import annotations
 
+import json
 import logging
 import operator
 import threading
@@ -18,8 +19,9 @@ from .manifest import ArtifactError
 log = logging.getLogger("bgert")
 
 
-def check_texts(texts: Any, what: str = "sentences") -> tuple[list[str], bool]:
-    """Normalise input to (list of str, was_single). Raises TypeError/ValueError naming the bad item."""
+def check_texts(texts: Any, what: str = "sentences", start: int = 0) -> tuple[list[str], bool]:
+    """Normalise input to (list of str, was_single). Raises TypeError/ValueError naming the bad item
+    (its index counted from ``start``, for a window of a longer list)."""
     if isinstance(texts, str):
         items, single = [texts], True
     elif isinstance(texts, (set, frozenset)):
@@ -32,11 +34,11 @@ def check_texts(texts: Any, what: str = "sentences") -> tuple[list[str], bool]:
         raise TypeError(f"{what} must be a str or a list of str, got {type(texts).__name__}")
     for i, t in enumerate(items):
         if not isinstance(t, str):
-            raise TypeError(f"{what}[{i}] is {type(t).__name__}, expected str")
+            raise TypeError(f"{what}[{start + i}] is {type(t).__name__}, expected str")
         try:
             t.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise ValueError(f"{what}[{i}] is not valid Unicode text (lone surrogate at position "
+            raise ValueError(f"{what}[{start + i}] is not valid Unicode text (lone surrogate at position "
                              f"{e.start}); clean it, e.g. text.encode('utf-8', 'replace').decode()") from e
     return items, single
 
@@ -52,18 +54,57 @@ def check_max_length(max_length: Any, limit: int | None = None) -> int:
     return n if limit is None else min(n, limit)
 
 
+#: a text longer than this many characters per kept token is cut (at a space) before tokenising
+CUT_CHARS_PER_TOKEN = 10
+#: normalizers that map each character (or grapheme) on its own, and pre-tokenizers that split at
+#: every space: with them, a text cut just before a space tokenises to exactly the leading tokens of
+#: the whole text (``Replace`` only with a one-character pattern, which cannot straddle the cut)
+_LOCAL_NORMALIZERS = {"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents", "Strip",
+                      "Prepend", "Precompiled", "Replace"}
+_SPACE_SPLITTERS = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit", "Metaspace", "ByteLevel"}
+_LOCAL_SPLITTERS = _SPACE_SPLITTERS | {"Digits", "Punctuation"}
+
+
+def _members(part: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
+    if part is None:
+        return []
+    return [m for sub in part[key] for m in _members(sub, key)] if part.get("type") == "Sequence" else [part]
+
+
+def cuts_exactly(spec: dict[str, Any]) -> bool:
+    """Whether texts may be cut at a space before tokenising without changing their leading tokens:
+    character-local normalizers, a pre-tokenizer that splits at every space, no added token holding one."""
+    norms = _members(spec.get("normalizer"), "normalizers")
+    pres = _members(spec.get("pre_tokenizer"), "pretokenizers")
+    local = all(n.get("type") in _LOCAL_NORMALIZERS and (n.get("type") != "Replace" or
+                len(n.get("pattern", {}).get("String") or "") == 1) for n in norms)
+    splits = (pres and all(p.get("type") in _LOCAL_SPLITTERS for p in pres)
+              and any(p.get("type") in _SPACE_SPLITTERS and p.get("split", True) and p.get("use_regex", True)
+                      for p in pres))
+    spaced = any(" " in t.get("content", "") for t in spec.get("added_tokens") or [])
+    return bool(local and splits and not spaced)
+
+
 class TextTokenizer:
-    """Thread-safe wrapper around a `tokenizers.Tokenizer`, with per-max-length truncation."""
+    """Thread-safe wrapper around a `tokenizers.Tokenizer`, with per-max-length truncation.
+
+    Truncation happens while tokenising (``enable_truncation``), and where the tokenizer allows it
+    (``cuts_exactly``) a text far beyond the kept length is first cut at a space after
+    ``CUT_CHARS_PER_TOKEN`` characters per kept token; a cut text that does not fill the kept length
+    is tokenised again in full. So no token list longer than the kept length is built, and the ids
+    are those of the whole text.
+    """
 
     def __init__(self, path: str, info: dict[str, Any] | None = None):
         try:
             with open(path, encoding="utf-8") as f:
                 self._json = f.read()
             self._plain = self._fresh()
+            self.cuts_exactly = cuts_exactly(json.loads(self._json))
         except Exception as e:  # tokenizers raises a bare Exception for a damaged file
             raise ArtifactError(f"{path} is not a readable tokenizer.json ({e}); re-export the artifact.") from e
         self.info = dict(info or {})
-        self._truncating: dict[int, Tokenizer] = {}
+        self._truncating: dict[tuple[int, str], Tokenizer] = {}
         self._lock = threading.Lock()
         self._warned = False
         pad = self.info.get("pad_token_id")
@@ -76,19 +117,40 @@ class TextTokenizer:
         tok.no_truncation()
         return tok
 
-    def _for_length(self, max_length: int | None) -> Tokenizer:
+    def _for_length(self, max_length: int | None, side: str = "right") -> Tokenizer:
         if max_length is None:
             return self._plain
         max_length = check_max_length(max_length)
-        tok = self._truncating.get(max_length)
+        tok = self._truncating.get((max_length, side))
         if tok is None:
             with self._lock:
-                tok = self._truncating.get(max_length)
+                tok = self._truncating.get((max_length, side))
                 if tok is None:
                     tok = self._fresh()
-                    tok.enable_truncation(max_length=max_length, strategy="longest_first", direction="right")
-                    self._truncating[max_length] = tok
+                    tok.enable_truncation(max_length=max_length, strategy="longest_first", direction=side)
+                    self._truncating[max_length, side] = tok
         return tok
+
+    def _cut(self, text: str, max_length: int) -> str:
+        """``text`` up to the first space after CUT_CHARS_PER_TOKEN * max_length characters (spaces before
+        the cut dropped), or whole where it is shorter or has no space there."""
+        limit = CUT_CHARS_PER_TOKEN * max_length
+        at = text.find(" ", limit) if len(text) > limit else -1
+        return text if at < 0 else text[:at].rstrip(" ")
+
+    def _encodings(self, texts: Sequence[str], max_length: int | None, add_special_tokens: bool,
+                   side: str) -> list[Any]:
+        """Encodings truncated while tokenising; texts far too long cut first where that is exact."""
+        tok = self._for_length(max_length, side)
+        if max_length is None or side != "right" or not self.cuts_exactly:
+            return tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        cut = [self._cut(t, max_length) for t in texts]
+        encs = tok.encode_batch(cut, add_special_tokens=add_special_tokens)
+        short = [i for i, (t, c) in enumerate(zip(texts, cut)) if t is not c and not encs[i].overflowing]
+        if short:  # the cut kept fewer tokens than max_length: the whole text decides
+            for i, e in zip(short, tok.encode_batch([texts[i] for i in short], add_special_tokens=add_special_tokens)):
+                encs[i] = e
+        return encs
 
     def encode(self, texts: Sequence[str], max_length: int | None = None,
                add_special_tokens: bool = True) -> list[list[int]]:
@@ -96,12 +158,13 @@ class TextTokenizer:
         return self.encode_checked(texts, max_length, add_special_tokens)[0]
 
     def encode_checked(self, texts: Sequence[str], max_length: int | None = None,
-                       add_special_tokens: bool = True) -> tuple[list[list[int]], bool]:
+                       add_special_tokens: bool = True, side: str = "right",
+                       warn: bool = True) -> tuple[list[list[int]], bool]:
         """``encode``, and whether any text was truncated (the HTTP server refuses those with
-        ``truncate=false``, as TEI does)."""
+        ``truncate=false``, as TEI does). ``side='left'`` keeps the end of each text instead."""
         if not texts:
             return [], False
-        encs = self._for_length(max_length).encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        encs = self._encodings(texts, max_length, add_special_tokens, side)
         if max_length is not None:
             # tokenizers skips truncation when max_length cannot even hold the special tokens
             bad = next((i for i, e in enumerate(encs) if len(e.ids) > max_length), None)
@@ -110,17 +173,11 @@ class TextTokenizer:
                                  "tokens because truncation cannot drop the special tokens the tokenizer adds; "
                                  "use a larger max_length.")
         cut = max_length is not None and any(e.overflowing for e in encs)
-        if cut and not self._warned:
+        if cut and warn and not self._warned:
             self._warned = True
             log.warning("bgert: some inputs are longer than max_length=%d tokens and were truncated "
                         "(as the reference does). This is reported once per model.", max_length)
         return [e.ids for e in encs], cut
-
-    def encode_pairs(self, firsts: Sequence[str], seconds: Sequence[str]) -> list[tuple[list[int], list[int]]]:
-        """Ids of each side tokenised alone without special tokens (for pair assembly by rerankers)."""
-        a = self._plain.encode_batch(list(firsts), add_special_tokens=False) if firsts else []
-        b = self._plain.encode_batch(list(seconds), add_special_tokens=False) if seconds else []
-        return [(x.ids, y.ids) for x, y in zip(a, b)]
 
     def encodings(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[Any]:
         """The `tokenizers` Encodings of ``texts``, untruncated (ids, tokens, offsets: ``bgert serve``'s /tokenize)."""
