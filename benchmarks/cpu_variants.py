@@ -101,7 +101,7 @@ def make_call(variant: str, art: str, model_dir: str, work: str, threads: int) -
 
 def worker(variant: str, art: str, model_dir: str, work: str, threads: int, vectors: str | None) -> dict[str, Any]:
     """One round of one variant in this process: warm-up, then documents and queries timed once each."""
-    sets = _sets(int(os.environ.get("BGERT_BENCH_DOCS", "384")))
+    sets = _sets(int(os.environ.get("BGERT_BENCH_DOCS", "384")), int(os.environ.get("BGERT_BENCH_QUERIES", "300")))
     call = make_call(variant, art, model_dir, work, threads)
     call(sets["documents"][:8] + sets["queries"][:8])
     out: dict[str, Any] = {}
@@ -115,11 +115,11 @@ def worker(variant: str, art: str, model_dir: str, work: str, threads: int, vect
     return out
 
 
-def _sets(n_docs: int) -> dict[str, list[str]]:
+def _sets(n_docs: int, n_queries: int) -> dict[str, list[str]]:
     from .bench import load_corpus
 
     docs, queries, _ = load_corpus("scifact")
-    return {"documents": docs[:n_docs], "queries": queries}
+    return {"documents": docs[:n_docs], "queries": queries[:n_queries]}
 
 
 def ensure_artifact(art: str | None, model_dir: str, work: str) -> str:
@@ -132,6 +132,33 @@ def ensure_artifact(art: str | None, model_dir: str, work: str) -> str:
 
         export(model_dir, art, progress=False, precisions=["int8", "int8-static", "bf16", "ov-int8"], keep_failed=True)
     return art
+
+
+def int8_op_counts(art: str) -> dict[str, dict[str, list[int]]]:
+    """Per ORT int8 graph: {op type: [nodes in the file, nodes after ORT's CPU optimisations]} for the op types
+    that change or carry elementwise work (is DynamicQuantizeLinear + MatMulInteger + Cast + Mul fused?)."""
+    import collections
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    out = {}
+    for f in ("model.int8.onnx", "model.int8-vnni.onnx"):
+        path = os.path.join(art, f)
+        if not os.path.isfile(path):
+            continue
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        with tempfile.TemporaryDirectory() as tmp:
+            so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+            ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            after = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+        before = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+        keep = {"Mul", "Cast", "MatMul", "MatMulInteger", "DynamicQuantizeLinear"}
+        out[f] = {k: [before.get(k, 0), after.get(k, 0)] for k in sorted(set(before) | set(after))
+                  if k in keep or before.get(k, 0) != after.get(k, 0)}
+    return out
 
 
 def cosines(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
@@ -147,7 +174,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.makedirs(args.work, exist_ok=True)
     art = ensure_artifact(args.artifact, model_dir, args.work)
     names = variants(art)
-    env = {**os.environ, "BGERT_BENCH_DOCS": str(args.docs), "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "BGERT_BENCH_DOCS": str(args.docs), "BGERT_BENCH_QUERIES": str(args.queries),
+           "OMP_NUM_THREADS": str(args.threads)}
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in names}
     for r in range(args.rounds):
         for v in names:
@@ -185,10 +213,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 r[f"x_{s}"] = r[f"{s}_per_s"] / base[f"{s}_per_s"]
     from bgert.runtime.autotune import explain
 
-    return {"model": os.path.basename(os.path.normpath(model_dir)), "artifact": art, "threads": args.threads,
+    from bgert.runtime.manifest import read_manifest
+
+    name = (read_manifest(art, verify=False).get("source") or {}).get("name") or os.path.basename(art)
+    return {"model": os.path.basename(os.path.normpath(name)), "artifact": art, "threads": args.threads,
             "documents": args.docs, "queries": len(ref["queries"]), "batch_size": 32, "rounds": args.rounds,
             "machine": machine_info(), "command": command_line(), "rows": rows,
-            "default_here": explain(art, args.threads)}
+            "default_here": explain(art, args.threads), "int8_ops": int8_op_counts(art)}
 
 
 LABELS = {"torch": "PyTorch fp32 (sentence-transformers)", "st-onnx-int8": "sentence-transformers ONNX int8",
@@ -213,6 +244,10 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{r['x_queries']:.2f} | {r['cos_mean_documents']:.6f} / {r['cos_min_documents']:.6f} | "
                      f"{r['cos_mean_queries']:.6f} / {r['cos_min_queries']:.6f} | {r['peak_rss_mb']:.0f} |")
     lines += ["", f"Default on this machine: {result['default_here']}", ""]
+    for f, ops in result.get("int8_ops", {}).items():
+        lines.append(f"{f} nodes, in the file → after ORT's CPU optimisations: "
+                     + ", ".join(f"{k} {a}→{b}" for k, (a, b) in ops.items()))
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -221,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact", help="artifact to measure (default: the bundled model, exported into --work)")
     p.add_argument("--model", help="PyTorch checkpoint of the reference (default: the bundled all-MiniLM-L6-v2)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--docs", type=int, default=384, help="SciFact documents (all 300 queries are used)")
+    p.add_argument("--docs", type=int, default=384, help="SciFact documents (the first N of the test corpus)")
+    p.add_argument("--queries", type=int, default=300, help="SciFact test queries (the first N)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--work", default="bench-work/cpu_variants", help="exported artifact, peer models, vectors")
     p.add_argument("--out", default="benchmarks/results")
