@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 #: which bgert sub-packages each may import (lower layers never import higher ones)
 LAYERS = {
     "bgert": set(),
-    "cli": {"benchmarks", "export", "server", "triton_models", "runtime"},
-    "benchmarks": {"export", "triton_models", "runtime"},
+    "cli": {"benchmarks", "export", "server", "triton_models", "integrations", "runtime"},
+    "benchmarks": {"export", "triton_models", "integrations", "runtime"},
+    "integrations": {"runtime"},
     "export": {"runtime"},
     "triton_models": {"runtime"},
     "server": {"runtime"},
