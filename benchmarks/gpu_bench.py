@@ -42,6 +42,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from bgert.quality import row_cosines
+
 BASE_SHAPE = dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072)
 TINY_SHAPE = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -196,11 +198,6 @@ def measure(encode: Callable[[Sequence[str]], np.ndarray], texts: list[str], tok
             "p50_ms": percentile_ms(lat, 50), "p99_ms": percentile_ms(lat, 99), "latency_n": len(lat)}, vecs
 
 
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-
-
 def memcpy_nodes(path: str, providers: list[Any]) -> dict[str, int] | str:
     """Memcpy nodes ORT puts between CPU- and GPU-placed nodes of ``path`` (copies on every run)."""
     import onnx
@@ -273,8 +270,8 @@ def bench_model(name: str, ckpt: str, art: str, note: str | None, sets: dict[str
                 if vname == "torch-fp32":
                     reference[kind] = vecs
                     if kind == "mixed":
-                        result["distinct_cos_mean"] = float(cosines(vecs[:-1], vecs[1:]).mean())
-                cos = cosines(vecs, reference[kind])
+                        result["distinct_cos_mean"] = float(row_cosines(vecs[:-1], vecs[1:]).mean())
+                cos = row_cosines(vecs, reference[kind])
                 row[kind] = {**stats, "cos_min": float(cos.min()), "cos_mean": float(cos.mean())}
                 print(f"    {kind:5}: {stats['texts_per_s']:9.1f} texts/s {stats['tokens_per_s']:11.0f} tokens/s "
                       f"p50 {stats['p50_ms']:7.2f} ms p99 {stats['p99_ms']:7.2f} ms cos_min {cos.min():.6f}",

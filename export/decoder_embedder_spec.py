@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .parity import PARITY_TEXTS, cosine_stats
+from bgert.quality import cosine_stats
+
+from .parity import PARITY_TEXTS
 from .reranker_spec import DEFAULT_MAX_LENGTH, causal_4d_mask, last_real_index
 from .specs import ExportSpec, GraphPlan
 
@@ -62,7 +64,6 @@ class LastTokenEmbedding(torch.nn.Module):
 
 
 class DecoderEmbedderSpec(ExportSpec):
-    kind = "decoder_embedder"
     outputs = {"dense": {0: "batch"}}
     optimizer_model_type = None  # ORT's transformer fusions target encoders
 

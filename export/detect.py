@@ -1,36 +1,24 @@
 """Detect what a checkpoint directory holds, from its files alone (no weights loaded).
 
-Reads config.json (architectures, model_type, auto_map), the sentence-transformers files
-(modules.json, 1_Pooling/config.json, sentence_bert_config.json) and the BGE-M3 head files, the
-way FlagAutoModel / FlagAutoReranker decide, and returns a ``ModelInfo``.
+Each registered family (bgert.runtime.registry) says how strongly the checkpoint looks like its kind:
+its own files (BGE-M3's colbert_linear.pt / sparse_linear.pt), then config.json ``architectures`` and
+``auto_map``, then ``model_type`` (with the sentence-transformers files), and the directory name only
+as a last hint. The strongest family wins; a tie is an error listing the candidates and ``--kind``.
+The kind's export spec then reads its family's settings (pooling, normalisation, max length…) into
+the ``ModelInfo``.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from typing import Any
+
+from bgert.runtime.registry import FAMILIES, STRENGTH_NAMES, Checkpoint
+
+from .specs import ModelInfo, spec_class
 
 BGE_EN_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
 BGE_ZH_QUERY_INSTRUCTION = "为这个句子生成表示以用于检索相关文章："
-
-ENCODER_TYPES = ("bert", "xlm-roberta", "roberta", "camembert", "distilbert", "mpnet", "electra", "deberta-v2")
-
-
-@dataclass
-class ModelInfo:
-    """What export needs to know about a checkpoint before loading it."""
-
-    path: str
-    kind: str
-    family: str
-    config: dict[str, Any]
-    pooling: str = "cls"
-    normalize: bool = True
-    max_length: int = 512
-    query_instruction: str | None = None
-    query_instruction_format: str = "{}{}"
-    notes: list[str] = field(default_factory=list)
 
 
 def _read_json(path: str) -> Any:
@@ -80,58 +68,41 @@ def model_max_length(path: str, config: dict[str, Any]) -> int:
     return positions
 
 
-def _name(path: str) -> str:
+def checkpoint_name(path: str) -> str:
     base = os.path.basename(os.path.normpath(path))
     if base.startswith("checkpoint-"):
         base = os.path.basename(os.path.dirname(os.path.normpath(path)))
     return base.lower()
 
 
-def detect(path: str, kind: str = "auto") -> ModelInfo:
-    """Describe the checkpoint at ``path``; ``kind`` overrides the detected model kind."""
+def checkpoint(path: str) -> Checkpoint:
+    """What detection reads: config.json, the directory's file names and its (lower-case) name."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: {path!r} is not a Hugging Face checkpoint directory")
-    config = _read_json(cfg_path)
-    archs = config.get("architectures") or []
-    model_type = config.get("model_type", "")
-    name = _name(path)
+    return Checkpoint(path=path, name=checkpoint_name(path), config=_read_json(cfg_path), files=frozenset(os.listdir(path)))
+
+
+def detect_kind(ck: Checkpoint) -> str:
+    """The kind of the registered family that matches ``ck`` most strongly (ValueError when none or a tie)."""
+    strengths = {kind: fam.detect(ck) for kind, fam in FAMILIES.items()}
+    best = max(strengths.values(), default=0)
+    if best == 0:
+        raise ValueError(f"cannot tell what {ck.path} is (model_type={ck.model_type!r}, "
+                         f"architectures={ck.architectures}); pass --kind, one of: {', '.join(FAMILIES)}")
+    top = [k for k, v in strengths.items() if v == best]
+    if len(top) > 1:
+        raise ValueError(f"{ck.path} could be any of {', '.join(top)} (each matches by its "
+                         f"{STRENGTH_NAMES[best]}); pass --kind {'|'.join(top)}")
+    return top[0]
+
+
+def detect(path: str, kind: str = "auto") -> ModelInfo:
+    """Describe the checkpoint at ``path``; ``kind`` overrides the detected model kind."""
+    ck = checkpoint(path)
     if kind == "auto":
-        kind = _detect_kind(path, name, model_type, archs)
-    info = ModelInfo(path=path, kind=kind, family=model_type, config=config,
-                     max_length=model_max_length(path, config))
-    if kind == "embedder":
-        st = sentence_transformers_settings(path)
-        info.pooling = st.get("pooling", "cls")
-        info.normalize = st.get("normalize", True)
-        if "max_length" in st:
-            info.max_length = min(st["max_length"], info.max_length)
-        if name.startswith("bge-") and "-en" in name:
-            info.query_instruction = BGE_EN_QUERY_INSTRUCTION
-        elif name.startswith("bge-") and "-zh" in name:
-            info.query_instruction = BGE_ZH_QUERY_INSTRUCTION
+        kind = detect_kind(ck)
+    info = ModelInfo(path=path, kind=kind, family=ck.model_type, config=ck.config,
+                     max_length=model_max_length(path, ck.config))
+    spec_class(kind).describe(info)
     return info
-
-
-def _detect_kind(path: str, name: str, model_type: str, archs: list[str]) -> str:
-    has = lambda f: os.path.isfile(os.path.join(path, f))  # noqa: E731
-    if has("colbert_linear.pt") and has("sparse_linear.pt"):
-        return "m3"
-    if "bge-m3" in name:
-        raise ValueError(f"{path} looks like bge-m3 but lacks colbert_linear.pt / sparse_linear.pt; "
-                         "FlagEmbedding would silently use random heads. Copy both files in, or pass "
-                         "--kind embedder for the dense output only.")
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return "reranker"
-    if any("LayerWise" in a for a in archs) or model_type == "minicpm" or "layerwise" in name:
-        return "layerwise_reranker"
-    if any("CostWise" in a for a in archs) or model_type == "cost_wise_gemma" or "lightweight" in name:
-        return "lightweight_reranker"
-    if "reranker" in name and any(a.endswith("ForCausalLM") for a in archs):
-        return "llm_reranker"
-    if model_type in ("gemma2", "mistral", "qwen2", "qwen3", "llama") or any(a.endswith("ForCausalLM") for a in archs):
-        return "decoder_embedder"
-    if model_type in ENCODER_TYPES:
-        return "embedder"
-    raise ValueError(f"cannot tell what {path} is (model_type={model_type!r}, architectures={archs}); "
-                     "pass --kind explicitly")

@@ -6,8 +6,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .parity import PARITY_TEXTS, cosine_stats
-from .specs import ExportSpec, GraphPlan
+from bgert.quality import cosine_stats
+
+from .detect import (BGE_EN_QUERY_INSTRUCTION, BGE_ZH_QUERY_INSTRUCTION, checkpoint_name,
+                     sentence_transformers_settings)
+from .parity import PARITY_TEXTS
+from .specs import ExportSpec, GraphPlan, ModelInfo
 
 
 class PooledEncoder(torch.nn.Module):
@@ -40,8 +44,22 @@ def load_encoder(path: str) -> torch.nn.Module:
 
 
 class EmbedderSpec(ExportSpec):
-    kind = "embedder"
     outputs = {"dense": {0: "batch"}}
+
+    @classmethod
+    def describe(cls, info: ModelInfo) -> None:
+        """Pooling, normalisation and max length from a sentence-transformers layout; the BGE model card's
+        query instruction for checkpoints named bge-*-en* / bge-*-zh*."""
+        st = sentence_transformers_settings(info.path)
+        info.pooling = st.get("pooling", "cls")
+        info.normalize = st.get("normalize", True)
+        if "max_length" in st:
+            info.max_length = min(st["max_length"], info.max_length)
+        name = checkpoint_name(info.path)
+        if name.startswith("bge-") and "-en" in name:
+            info.query_instruction = BGE_EN_QUERY_INSTRUCTION
+        elif name.startswith("bge-") and "-zh" in name:
+            info.query_instruction = BGE_ZH_QUERY_INSTRUCTION
 
     def __init__(self, info, options):
         super().__init__(info, options)

@@ -16,6 +16,7 @@ import tempfile
 from collections import Counter
 from typing import Any, Sequence
 
+from bgert.quality import FP32_COS_MIN, FP32_MAX_ABS_DIFF
 from bgert.runtime.manifest import default_buckets, list_files, sha256_file, write_manifest
 
 from .detect import detect
@@ -25,7 +26,6 @@ from .specs import spec_for
 
 log = logging.getLogger("bgert.export")
 
-FP32_GATE = 0.99999
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".json", ".model", ".txt")
 
 
@@ -91,7 +91,7 @@ class _Steps:
 
 def export(src: str, out: str, *, kind: str = "auto", max_length: int | None = None, force: bool = False,
            opset: int = DEFAULT_OPSET, optimize_graph: bool = True, precisions: Sequence[str] = ("fp32",),
-           progress: bool = True, fp32_gate: float = FP32_GATE, **options: Any) -> str:
+           progress: bool = True, fp32_gate: float = FP32_COS_MIN, **options: Any) -> str:
     """Export the checkpoint ``src`` into the artifact directory ``out`` and return its path.
 
     ``options`` go to the family spec (e.g. normalize, query_instruction, heads, cutoff_layers).
@@ -188,9 +188,9 @@ def _gate_fp32(parity: dict[str, Any], gate: float) -> None:
     if "cos_min" in parity and parity["cos_min"] < gate:
         raise ExportError(f"fp32 export misses its parity gate: min cosine against PyTorch {parity['cos_min']:.6f} "
                           f"< {gate}. This is a bug: please report it with the model's config.json.")
-    if "cos_min" not in parity and parity.get("max_abs_diff", 0.0) > 1e-3:
+    if "cos_min" not in parity and parity.get("max_abs_diff", 0.0) > FP32_MAX_ABS_DIFF:
         raise ExportError(f"fp32 export misses its parity gate: max |score diff| against PyTorch "
-                          f"{parity['max_abs_diff']:.2e} > 1e-3.")
+                          f"{parity['max_abs_diff']:.2e} > {FP32_MAX_ABS_DIFF}.")
 
 
 def _replace(tmp: str, out: str) -> None:

@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from bgert.quality import score_stats
 from bgert.runtime.lightweight import canonical
 
-from .parity import PARITY_PAIRS, score_stats
+
+from .parity import PARITY_PAIRS
 from .reranker_spec import DEFAULT_MAX_LENGTH, _RerankerSpec
 from .specs import GraphPlan
 
@@ -53,7 +55,6 @@ class LightweightScores(torch.nn.Module):
 class LightweightRerankerSpec(_RerankerSpec):
     """bge-reranker-v2.5-gemma2-lightweight: one graph per (cutoff_layers, compress_ratio, compress_layers)."""
 
-    kind = "lightweight_reranker"
     inputs = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
               "query_lengths": BATCH, "prompt_lengths": BATCH}
     outputs = {"scores": {0: "batch"}}

@@ -29,8 +29,10 @@ from onnx import TensorProto, helper
 from onnxruntime.transformers.fusion_options import FusionOptions
 from onnxruntime.transformers.onnx_model_bert import BertOnnxModel
 
+from bgert.quality import cosine_stats
+
 from .embedder_spec import load_encoder
-from .parity import PARITY_TEXTS, cosine_stats
+from .parity import PARITY_TEXTS
 from .specs import BATCH_SEQ, ExportSpec, GraphPlan
 
 HEADS = ("dense", "sparse", "colbert")
@@ -144,7 +146,6 @@ class M3OnnxModel(BertOnnxModel):
 
 
 class M3Spec(ExportSpec):
-    kind = "m3"
     optimizer_model_type = M3OnnxModel  # our own fusion class (bgert.export.onnx_io.fuse runs it)
     outputs = {"dense": {0: "batch"}, "sparse": BATCH_SEQ, "colbert": {0: "batch", 1: "colbert_tokens"}}
 

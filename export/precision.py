@@ -22,8 +22,9 @@ beside it, measures it and records the result in the manifest entry of the graph
   ``int8``, gated with int8's gates on the held-out documents and queries; ``backend: openvino``.
 
 Quality is measured on held-out text (SciFact sample documents and queries shipped with bgert, and the
-parity texts) against the fp32 graph, output by output: cosine (mean, min) for vectors, Spearman
-correlation and top-k agreement for scores. int8 graphs are measured twice: as this CPU runs them and
+parity texts) against the fp32 graph, output by output as its family types it (bgert.runtime.registry,
+statistics from bgert.quality): cosine (mean, min) for vectors, token vectors and lexical weights,
+Spearman correlation and top-k agreement for scores. int8 graphs are measured twice: as this CPU runs them and
 with exact integer arithmetic (what a VNNI / AMX / ARM-dot CPU computes), and the gate must hold for
 both. The family's own parity against PyTorch (``spec.parity``) is recorded too. A variant that misses
 its gate fails the export (ExportError) unless ``keep_failed``; a kept one is marked failed and never
@@ -51,35 +52,25 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from bgert.quality import GATE_METRICS, PRECISION_GATES, compare_output, gate_failures, summarize
 from bgert.runtime.base import cpu_int8_dot_exact
 from bgert.runtime.batching import pad, plan_batches
 from bgert.runtime.manifest import list_files, write_manifest
+from bgert.runtime.registry import family
 
 from . import quantize as q
 from .errors import ExportError
 from .onnx_io import fuse, fusion_name
-from .parity import PARITY_PAIRS, PARITY_TEXTS, score_stats
+from .parity import PARITY_PAIRS, PARITY_TEXTS
 
 log = logging.getLogger("bgert.export")
 
 VARIANTS = ("fp16", "int8", "int8-static", "bf16", "ov-int8")
 VNNI = "int8-vnni"
-#: default gates; a metric applies wherever the measured quality reports it
-#: (embedders and M3: cosine per output; rerankers: Spearman and top-5 agreement of the scores)
-DEFAULT_GATES: dict[str, dict[str, float]] = {
-    "fp16": {"cos_mean": 0.9999, "cos_min": 0.999, "spearman": 0.995, "top5_agreement": 0.8},
-    "int8": {"cos_mean": 0.99, "cos_min": 0.97, "spearman": 0.98, "top5_agreement": 0.6},
-    VNNI: {"cos_mean": 0.99, "cos_min": 0.97, "spearman": 0.98, "top5_agreement": 0.6},
-    "int8-static": {"cos_mean": 0.99, "cos_min": 0.97, "spearman": 0.98, "top5_agreement": 0.6},
-    "bf16": {"cos_mean": 0.9999, "cos_min": 0.999, "spearman": 0.995, "top5_agreement": 0.8},
-    "ov-int8": {"cos_mean": 0.99, "cos_min": 0.97, "spearman": 0.98, "top5_agreement": 0.6},
-}
-GATE_METRICS = ("cos_mean", "cos_min", "spearman", "top5_agreement")
 #: ops float16 conversion leaves in fp32 (besides ORT's own list): norm statistics, reductions, softmax
 FP16_KEEP_FP32 = ("Pow", "ReduceMean", "ReduceSum", "ReduceL2", "Sqrt", "Softmax")
 #: x86 flags with non-saturating u8×s8 dot products; graphs needing them carry this list
 VNNI_FLAGS = ["avx512_vnni", "avx_vnni", "amx_int8"]
-RERANKER_KINDS = ("reranker", "llm_reranker", "layerwise_reranker", "lightweight_reranker")
 STANDARD_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 BUNDLED_DOCS, BUNDLED_QUERIES = "scifact_sample.jsonl", "scifact_queries_sample.jsonl"
 HELD_OUT_START = 100  # bundled documents [0, 100) calibrate, [100, 200) are held out
@@ -118,13 +109,13 @@ class Settings:
         if s.calibration is not None and not os.path.isfile(s.calibration):
             raise ExportError(f"calibration file {s.calibration!r} not found (a .jsonl with 'text' fields or a "
                               ".txt with one text per line)")
-        unknown = set(s.gates or {}) - set(DEFAULT_GATES)
+        unknown = set(s.gates or {}) - set(PRECISION_GATES)
         if unknown:
-            raise ExportError(f"gates given for unknown precision(s) {sorted(unknown)}; known: {list(DEFAULT_GATES)}")
+            raise ExportError(f"gates given for unknown precision(s) {sorted(unknown)}; known: {list(PRECISION_GATES)}")
         return s
 
     def gate(self, precision: str) -> dict[str, float]:
-        g = dict(DEFAULT_GATES[precision])
+        g = dict(PRECISION_GATES[precision])
         g.update((self.gates or {}).get(precision, {}))
         if precision == VNNI and self.gates and "int8" in self.gates and VNNI not in self.gates:
             g.update(self.gates["int8"])  # a gate given for int8 holds for both int8 graphs
@@ -163,7 +154,7 @@ def text_sets(s: Settings, kind: str) -> tuple[list[Any], list[Any]]:
     calib = SHORT_CALIBRATION + calib
     calib_q, held_q = queries[:half], queries[half:]
     held = docs[HELD_OUT_START:HELD_OUT_START + s.quality_size]
-    if kind in RERANKER_KINDS:
+    if family(kind).gives_scores():  # rerankers: (query, passage) pairs in
         pair = lambda qs, ds: [(qs[i % len(qs)], d) for i, d in enumerate(ds)]  # noqa: E731
         return pair(calib_q, calib), pair(held_q, held) + pair(held_q[::-1], held[:len(held_q)]) + PARITY_PAIRS
     return calib + calib_q, held + held_q + PARITY_TEXTS
@@ -222,60 +213,16 @@ def graph_outputs(path: str, batches: Sequence[dict[str, np.ndarray]], exact: bo
     return out
 
 
-def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-24)
+def compare(ref: dict[str, list], got: dict[str, list], types: dict[str, str]) -> dict[str, Any]:
+    """Per graph output, its quality by its type (``types``: output name → bgert.runtime.registry
+    OUTPUT_TYPES, from the artifact's family): cosine stats, or score stats of each score column."""
+    return {name: compare_output(types[name], chunks, got[name]) for name, chunks in ref.items()}
 
 
-def compare(ref: dict[str, list], got: dict[str, list], scores: bool) -> dict[str, Any]:
-    """Per output: cosine stats of its vectors, or score stats (Spearman, top-k) of each score column."""
-    result: dict[str, Any] = {}
-    for name, chunks in ref.items():
-        r_list, g_list = chunks, got[name]
-        if scores:
-            r = np.concatenate([c.reshape(c.shape[0], -1) for c in r_list])
-            g = np.concatenate([c.reshape(c.shape[0], -1) for c in g_list])
-            cols = [score_stats(r[:, j], g[:, j], k=5) for j in range(r.shape[1])]
-            result[name] = cols[0] if len(cols) == 1 else {
-                "spearman": min(c["spearman"] for c in cols), "max_abs_diff": max(c["max_abs_diff"] for c in cols),
-                "top5_agreement": min(c["top5_agreement"] for c in cols), "n": cols[0]["n"],
-                "columns": cols}
-            continue
-        cos, diff = [], 0.0
-        for rc, gc in zip(r_list, g_list):  # batch by batch: per-token outputs differ in length
-            r = rc.reshape(-1, rc.shape[-1]) if rc.ndim > 2 else rc.reshape(rc.shape[0], -1)
-            g = gc.reshape(r.shape)
-            keep = np.linalg.norm(r, axis=-1) > 1e-6  # padded rows and empty sequences carry nothing
-            if keep.any():
-                cos.append(row_cosines(r[keep], g[keep]))
-                diff = max(diff, float(np.abs(r - g).max()))
-        c = np.concatenate(cos) if cos else np.ones(0)
-        result[name] = {"cos_mean": float(c.mean()), "cos_min": float(c.min()), "cos_p01": float(np.percentile(c, 1)),
-                        "max_abs_diff": diff, "n": int(c.size)} if c.size else {"n": 0}
-    return result
-
-
-def summarize(sections: dict[str, Any]) -> dict[str, float]:
-    """Worst value of every gate metric over all checks and outputs (what `bgert info` shows)."""
-    worst: dict[str, float] = {}
-
-    def walk(d: Any) -> None:
-        if isinstance(d, dict):
-            for k, v in d.items():
-                if k in GATE_METRICS and isinstance(v, (int, float)):
-                    worst[k] = min(worst.get(k, float("inf")), float(v))
-                else:
-                    walk(v)
-        elif isinstance(d, list):
-            for v in d:
-                walk(v)
-
-    walk(sections)
-    return worst
-
-
-def gate_failures(summary: dict[str, float], gate: dict[str, float]) -> list[str]:
-    return [f"{k} {summary[k]:.6f} < {v}" for k, v in gate.items() if k in summary and summary[k] < v]
+def output_types(kind: str, names: Sequence[str]) -> dict[str, str]:
+    """The quality type of each graph output of a ``kind`` artifact (its family's ``outputs``)."""
+    fam = family(kind)
+    return {n: fam.output_type(n) for n in names}
 
 
 # ---- variant builders --------------------------------------------------------------------------
@@ -422,7 +369,8 @@ def _gate_on_openvino(entry: dict[str, Any], path: str, ref: dict[str, list], ba
     of the fp32 graph ``source``; fill in its quality and gate_passed and the manifest's parity; return
     its gate failures."""
     p = entry["precision"]
-    sections = {"vs_fp32": compare(ref, openvino_outputs(path, p, batches), scores), "held_out": held_out}
+    sections = {"vs_fp32": compare(ref, openvino_outputs(path, p, batches), output_types(raw["kind"], ref)),
+                "held_out": held_out}
     summary = summarize(sections)
     missed = gate_failures(summary, gate)
     entry["quality"] = {**summary, "gate": gate, "measured_on": _host(cpu_int8_dot_exact()), **sections}
@@ -438,7 +386,7 @@ def _add_bf16(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tok: Any, sources
     from bgert.runtime.base import BF16_FLAGS
 
     why_not = bf16_runs_here()
-    scores = raw["kind"] in RERANKER_KINDS
+    scores = family(raw["kind"]).gives_scores()
     seqs = token_ids(hf_tok, held, raw["max_length"])
     failures = []
     for g in sources:
@@ -474,7 +422,7 @@ def _add_ov_int8(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tok: Any, sour
         raise ExportError("--precision ov-int8 needs openvino and nncf: pip install 'bgert[openvino]'") from e
     from bgert.runtime.openvino_backend import take_else_branches
 
-    scores = raw["kind"] in RERANKER_KINDS
+    scores = family(raw["kind"]).gives_scores()
     failures = []
     for g in sources:
         path = os.path.join(tmp_dir, g["file"])
@@ -564,7 +512,7 @@ def _measure(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tok: Any, precisio
              items: list[tuple[dict[str, Any], dict[str, Any], str | None]], held: Sequence[Any],
              s: Settings) -> list[str]:
     """Fill quality and gate_passed of each new entry; return the gate failures."""
-    scores = raw["kind"] in RERANKER_KINDS
+    scores = family(raw["kind"]).gives_scores()
     host_exact = cpu_int8_dot_exact()
     vs_torch = None
     if not (precision == VNNI and not host_exact):  # the runtime would run it saturated here
@@ -581,14 +529,15 @@ def _measure(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tok: Any, precisio
             batches = [f for f, _ in feeds(seqs, names, *_pad(raw))]
             ref = _cached(spec, ("fp32 outputs", g["file"]),
                           lambda: graph_outputs(os.path.join(tmp_dir, g["file"]), batches))
+            types = output_types(raw["kind"], list(ref))
             if not (precision == VNNI and not host_exact):
                 try:
                     sections["vs_fp32"] = compare(ref, graph_outputs(os.path.join(tmp_dir, entry["file"]), batches),
-                                                  scores)
+                                                  types)
                 except Exception as e:  # e.g. an op without a CPU kernel for this type
                     sections["vs_fp32"] = {"error": f"{type(e).__name__}: {e}"}
             if exact:
-                sections["vs_fp32_exact_int8"] = compare(ref, graph_outputs(exact, batches, exact=True), scores)
+                sections["vs_fp32_exact_int8"] = compare(ref, graph_outputs(exact, batches, exact=True), types)
             sections["held_out"] = {"texts" if not scores else "pairs": len(seqs),
                                     "source": "bundled SciFact sample (documents 100+, queries) + parity texts"}
         if vs_torch is not None:

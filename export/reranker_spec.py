@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .parity import PARITY_PAIRS, score_stats
+from bgert.quality import score_stats
+from bgert.runtime.reranker import DEFAULT_MAX_LENGTH
+
+from .parity import PARITY_PAIRS
 from .specs import BATCH_SEQ, ExportSpec, GraphPlan
 
-#: FlagEmbedding's reranker default max_length (the artifact may allow more: its manifest max_length)
-DEFAULT_MAX_LENGTH = 512
 #: FlagLLMReranker / LayerWiseFlagLLMReranker default prompt
 LLM_PROMPT = ("Given a query A and a passage B, determine whether the passage contains an answer to the query "
               "by providing a prediction of either 'Yes' or 'No'.")
@@ -176,7 +177,6 @@ class _RerankerSpec(ExportSpec):
 class CrossEncoderSpec(_RerankerSpec):
     """bge-reranker-base / -large / -v2-m3 (XLMRobertaForSequenceClassification) and BERT cross-encoders."""
 
-    kind = "reranker"
     outputs = {"score": {0: "batch"}}
     optimizer_model_type = "bert"
     reference_name = "torch fp32 (AutoModelForSequenceClassification, FlagReranker pair encoding)"
@@ -231,7 +231,6 @@ class _DecoderRerankerSpec(_RerankerSpec):
 class LLMRerankerSpec(_DecoderRerankerSpec):
     """bge-reranker-v2-gemma (GemmaForCausalLM): the graph outputs only the ``Yes`` logit."""
 
-    kind = "llm_reranker"
     outputs = {"score": {0: "batch"}}
     reference_name = "torch fp32 (AutoModelForCausalLM, FlagLLMReranker input assembly, last-token Yes logit)"
 
@@ -264,7 +263,6 @@ class LLMRerankerSpec(_DecoderRerankerSpec):
 class LayerwiseRerankerSpec(_DecoderRerankerSpec):
     """bge-reranker-v2-minicpm-layerwise (FlagEmbedding's bundled MiniCPM code), one graph per cutoff."""
 
-    kind = "layerwise_reranker"
     outputs = {"scores": {0: "batch"}}
     reference_name = "torch fp32 (LayerWiseMiniCPMForCausalLM, LayerWiseFlagLLMReranker input assembly)"
 

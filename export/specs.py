@@ -4,18 +4,34 @@ A spec names the graph's inputs, outputs and dynamic axes (like Optimum's OnnxCo
 the torch wrapper module whose graph already does pooling, normalisation and heads, lists the
 graphs to write (one, or one per layerwise cutoff), adds its family's manifest fields, and
 measures parity of the exported artifact against the PyTorch model. The exporter core
-(bgert.export.exporter) only calls these members, so a new family is a new spec module plus
-one line in ``SPEC_MODULES``.
+(bgert.export.exporter) only calls these members; each kind's family description
+(bgert.runtime.registry) names its spec by import path.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .detect import ModelInfo
+from bgert.runtime.registry import FAMILIES, load_object
+
 
 BATCH_SEQ = {0: "batch", 1: "sequence"}
+
+
+@dataclass
+class ModelInfo:
+    """What export needs to know about a checkpoint before loading it."""
+
+    path: str
+    kind: str
+    family: str
+    config: dict[str, Any]
+    pooling: str = "cls"
+    normalize: bool = True
+    max_length: int = 512
+    query_instruction: str | None = None
+    query_instruction_format: str = "{}{}"
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -31,7 +47,6 @@ class GraphPlan:
 class ExportSpec:
     """Base spec. Subclasses set the class attributes and implement the three methods."""
 
-    kind: ClassVar[str] = ""
     inputs: ClassVar[dict[str, dict[int, str]]] = {"input_ids": BATCH_SEQ, "attention_mask": BATCH_SEQ}
     outputs: ClassVar[dict[str, dict[int, str]]] = {}
     #: model_type for onnxruntime.transformers.optimizer (None: skip the fusion pass)
@@ -53,6 +68,10 @@ class ExportSpec:
         """Compare the exported artifact (through bgert.runtime) with the torch model on fixed texts."""
         raise NotImplementedError
 
+    @classmethod
+    def describe(cls, info: ModelInfo) -> None:
+        """Fill family-specific ModelInfo fields from the checkpoint's files at detection (default: none)."""
+
     def sample_inputs(self, hf_tokenizer: Any) -> dict[str, Any]:
         """Example inputs for tracing: a padded batch of two."""
         enc = hf_tokenizer(["a short one", "a somewhat longer sentence to trace with padding"],
@@ -60,22 +79,15 @@ class ExportSpec:
         return {k: enc[k] for k in self.inputs}
 
 
-#: kind -> "module:Class" of its spec; modules are imported only when that kind is exported
-SPEC_MODULES: dict[str, str] = {
-    "embedder": "bgert.export.embedder_spec:EmbedderSpec",
-    "m3": "bgert.export.m3_spec:M3Spec",
-    "reranker": "bgert.export.reranker_spec:CrossEncoderSpec",
-    "llm_reranker": "bgert.export.reranker_spec:LLMRerankerSpec",
-    "layerwise_reranker": "bgert.export.reranker_spec:LayerwiseRerankerSpec",
-    "decoder_embedder": "bgert.export.decoder_embedder_spec:DecoderEmbedderSpec",
-    "lightweight_reranker": "bgert.export.lightweight_spec:LightweightRerankerSpec",
-}
+def spec_class(kind: str) -> type[ExportSpec]:
+    """The export spec the family of ``kind`` names (its module is imported only now)."""
+    fam = FAMILIES.get(kind)
+    if fam is None or not fam.export_spec:
+        supported = [k for k, f in FAMILIES.items() if f.export_spec]
+        raise ValueError(f"export of kind {kind!r} is not supported; supported: {', '.join(supported)}")
+    return load_object(fam.export_spec)
 
 
 def spec_for(info: ModelInfo, options: dict[str, Any]) -> ExportSpec:
     """Instantiate the spec registered for ``info.kind``."""
-    target = SPEC_MODULES.get(info.kind)
-    if target is None:
-        raise ValueError(f"export of kind {info.kind!r} is not supported yet; supported: {', '.join(SPEC_MODULES)}")
-    mod, cls = target.split(":")
-    return getattr(importlib.import_module(mod), cls)(info, options)
+    return spec_class(info.kind)(info, options)

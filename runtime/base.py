@@ -14,7 +14,7 @@ import logging
 import os
 import platform
 import threading
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from .batching import DEFAULT_TOKEN_BUDGET, Batch, check_buckets, pad, plan_batc
 from .cpu import cpu_flags
 from .iobinding import bucket_shapes
 from .manifest import ArtifactError, Graph, Manifest, read_manifest
+from . import registry
 from .progress import progress
 from .ort_backend import make_ort_backend
 from .providers import check_backend_options
@@ -138,20 +139,21 @@ def _drop_reference_only_options(options: dict[str, Any]) -> None:
                  "use precision= and providers= to choose the graph and device.", ", ".join(dropped))
 
 
-_CLASSES: dict[str, type["BgeModel"]] = {}
-
-
-def register(kind: str, cls: type["BgeModel"]) -> None:
-    """Make ``load()`` return ``cls`` for artifacts of ``kind`` (bgert.runtime registers each family)."""
-    _CLASSES[kind] = cls
-
-
 def class_for_kind(kind: str) -> type["BgeModel"]:
-    """The runtime class registered for ``kind`` (ArtifactError naming the served kinds otherwise)."""
-    if kind not in _CLASSES:
+    """The runtime class of ``kind``'s family (ArtifactError naming the kinds this bgert serves)."""
+    if kind not in registry.FAMILIES:
         raise ArtifactError(f"this bgert has no runtime class for kind {kind!r}; "
-                            f"it serves: {', '.join(sorted(_CLASSES))}. Upgrade bgert.")
-    return _CLASSES[kind]
+                            f"it serves: {', '.join(sorted(registry.FAMILIES))}. Upgrade bgert.")
+    return registry.FAMILIES[kind].runtime_class
+
+
+def served_kinds(cls: type) -> set[str]:
+    """The kinds a runtime class serves: those whose family names it, or its nearest registered base class."""
+    for c in cls.__mro__:
+        kinds = {k for k, fam in registry.FAMILIES.items() if fam.runtime_class is c}
+        if kinds:
+            return kinds
+    return set()
 
 
 class BgeModel(QueuedAPI):
@@ -160,8 +162,6 @@ class BgeModel(QueuedAPI):
     Every class also gets the online-serving API of bgert.runtime.token_queue: ``a<method>``
     coroutines (``aencode``, ``acompute_score``…), ``submit()``, ``start_queue()``, ``close()``.
     """
-
-    kinds: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model_dir: str | os.PathLike, *, precision: str | None = None,
                  providers: str | Sequence[ProviderSpec] | None = None,
@@ -173,12 +173,13 @@ class BgeModel(QueuedAPI):
                  **backend_options: Any):
         self.model_dir = os.fspath(model_dir)
         _drop_reference_only_options(backend_options)
-        self.manifest: Manifest = read_manifest(self.model_dir, verify=verify)
-        if self.kinds and self.manifest.kind not in self.kinds:
+        self.manifest: Manifest = read_manifest(self.model_dir, verify=verify, section=False)
+        if self.manifest.kind not in served_kinds(type(self)):
             raise ArtifactError(
                 f"{self.model_dir} holds a {self.manifest.kind!r} model, which {type(self).__name__} "
                 f"does not serve; use bgert.runtime.{class_for_kind(self.manifest.kind).__name__} "
                 "or bgert.runtime.load().")
+        self.manifest.section  # noqa: B018 (the kind's typed manifest section, checked now)
         if not os.path.isfile(self.manifest.tokenizer_file):
             raise ArtifactError(f"{self.manifest.tokenizer_file} is missing; re-export the artifact.")
         self.tokenizer = TextTokenizer(self.manifest.tokenizer_file, self.manifest.tokenizer_info)

@@ -16,10 +16,12 @@ Passages are embedded as plain text in both (``encode_corpus``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from .base import check_call_options
-from .embedder import Embedder
+from .embedder import Embedder, EmbedderSection
+from .registry import ARCHITECTURE, NAME_HINT, Checkpoint, Family, register
 from .request import Request, request_method
 from .tokenize import check_max_length, check_texts
 from .windows import windowed
@@ -65,23 +67,22 @@ class DecoderEmbedder(Embedder):
     >>> p = m.encode_corpus(["As a general guideline, ..."])
     """
 
-    kinds = ("decoder_embedder",)
 
     def __init__(self, model_dir: str, *, examples_for_task: Sequence[Example] | None = None,
                  examples_instruction_format: str | None = None, suffix: str | None = None,
                  query_max_length: int | None = None, passage_max_length: int | None = None, **kwargs: Any):
         super().__init__(model_dir, query_max_length=query_max_length, passage_max_length=passage_max_length,
                          **kwargs)
-        m = self.manifest
-        default = min(int(m.get("default_max_length", 512)), self.max_length)
+        m = self.manifest.section
+        default = min(m.default_max_length, self.max_length)
         self.query_max_length = check_max_length(query_max_length or default, self.max_length)
         self.passage_max_length = check_max_length(passage_max_length or default, self.max_length)
         self.query_instruction_format = self.query_instruction_format.replace("\\n", "\n")
-        self.icl = bool(m.get("icl", False))
-        self.examples_instruction_format = (examples_instruction_format or m.get(
-            "examples_instruction_format", "<instruct>{}\n<query>{}\n<response>{}")).replace("\\n", "\n")
-        self.suffix = suffix if suffix is not None else m.get("icl_suffix", "\n<response>")
-        self.clean_up_tokenization_spaces = bool(m.get("clean_up_tokenization_spaces", False))
+        self.icl = m.icl
+        self.examples_instruction_format = (examples_instruction_format or m.examples_instruction_format
+                                            ).replace("\\n", "\n")
+        self.suffix = suffix if suffix is not None else m.icl_suffix
+        self.clean_up_tokenization_spaces = m.clean_up_tokenization_spaces
         self.examples_for_task = None if examples_for_task is None else check_examples(examples_for_task)
         if self.examples_for_task is not None and not self.icl:
             raise ValueError(f"{self.model_dir} is not an in-context-learning (ICL) embedder; examples_for_task "
@@ -146,3 +147,41 @@ class DecoderEmbedder(Embedder):
             seqs, cut = self.tokenizer.encode_checked(
                 with_instruction(instruction, self.query_instruction_format, texts), max_length)
         return self._vectors(seqs, single, batch_size, convert_to_numpy, normalize_embeddings, cut)
+
+
+@dataclass(kw_only=True)
+class DecoderEmbedderSection(EmbedderSection):
+    """An encoder embedder's keys plus the decoder's default length and in-context-learning settings."""
+
+    pooling: str = "last_token"
+    default_max_length: int = 512  # FlagLLMModel's / FlagICLModel's default max length
+    icl: bool = False
+    examples_instruction_format: str = "<instruct>{}\n<query>{}\n<response>{}"
+    icl_suffix: str = "\n<response>"
+    clean_up_tokenization_spaces: bool = False
+
+
+#: config.json model types of the decoder-only embedders (bge-multilingual-gemma2, bge-en-icl, Qwen/Llama ones)
+DECODER_TYPES = ("gemma2", "mistral", "qwen2", "qwen3", "llama")
+
+
+@register
+class DecoderEmbedderFamily(Family):
+    """Decoder-only embedders: FlagLLMModel (bge-multilingual-gemma2) and FlagICLModel (bge-en-icl)."""
+
+    name = "decoder_embedder"
+    runtime_class = DecoderEmbedder
+    section = DecoderEmbedderSection
+    export_spec = "bgert.export.decoder_embedder_spec:DecoderEmbedderSpec"
+    bench_adapter = "bgert.benchmarks.bench_families:DecoderEmbedderBench"
+    outputs = {"dense": "vectors"}
+
+    @classmethod
+    def detect(cls, ck: Checkpoint) -> int:
+        """A decoder's base model class (Gemma2Model, MistralModel) says embedder; a bare decoder model
+        type or causal LM is only a weak hint (LLM rerankers are causal LMs too)."""
+        if ck.model_type in DECODER_TYPES and any(a.endswith("Model") for a in ck.architectures):
+            return ARCHITECTURE
+        if ck.model_type in DECODER_TYPES or any(a.endswith("ForCausalLM") for a in ck.architectures):
+            return NAME_HINT
+        return 0

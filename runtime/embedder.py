@@ -1,11 +1,13 @@
 """Encoder embedders (BGE v1/v1.5, sentence-transformers BERT models) with FlagModel's API."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from .base import BgeModel, check_call_options
+from .registry import ARCHITECTURE, Checkpoint, Family, register
 from .request import Item, Request, request_method
 from .tokenize import check_max_length, check_texts
 from .windows import windowed
@@ -23,11 +25,11 @@ def query_settings(model: BgeModel, query_instruction_for_retrieval: str | None,
                    query_instruction_format: str | None, normalize_embeddings: bool | None) -> None:
     """Set ``model``'s query instruction and its format, ``graph_normalizes`` and ``normalize_embeddings``:
     the constructor's arguments, else the manifest's (as FlagModel and BGEM3FlagModel take them)."""
-    m = model.manifest
+    m = model.manifest.section
     model.query_instruction_for_retrieval = (query_instruction_for_retrieval if query_instruction_for_retrieval
-                                             is not None else m.get("query_instruction"))
-    model.query_instruction_format = query_instruction_format or m.get("query_instruction_format", "{}{}")
-    model.graph_normalizes = bool(m.get("normalize", True))
+                                             is not None else m.query_instruction)
+    model.query_instruction_format = query_instruction_format or m.query_instruction_format
+    model.graph_normalizes = m.normalize
     model.normalize_embeddings = model.graph_normalizes if normalize_embeddings is None else normalize_embeddings
 
 
@@ -40,7 +42,6 @@ class Embedder(BgeModel):
     >>> scores = q @ p.T
     """
 
-    kinds = ("embedder",)
 
     def __init__(self, model_dir: str, *, query_instruction_for_retrieval: str | None = None,
                  query_instruction_format: str | None = None, normalize_embeddings: bool | None = None,
@@ -49,11 +50,11 @@ class Embedder(BgeModel):
         query_settings(self, query_instruction_for_retrieval, query_instruction_format, normalize_embeddings)
         self.query_max_length = query_max_length or self.max_length
         self.passage_max_length = passage_max_length or self.max_length
-        self.output_name = self.manifest.get("output_name", "dense")
+        self.output_name = self.manifest.section.output_name
 
     @property
     def dim(self) -> int:
-        return int(self.manifest.get("dim"))
+        return self.manifest.section.dim
 
     @windowed(check_texts)
     @request_method
@@ -115,3 +116,40 @@ class Embedder(BgeModel):
         """Embed passages (no instruction), like FlagModel.encode_corpus."""
         return self.prepare("encode", corpus, batch_size=batch_size, max_length=max_length or self.passage_max_length,
                             convert_to_numpy=convert_to_numpy, **kwargs)
+
+
+@dataclass(kw_only=True)
+class EmbedderSection:
+    """The manifest keys of an encoder embedder."""
+
+    dim: int
+    normalize: bool = True
+    pooling: str = "cls"
+    output_name: str = "dense"
+    query_instruction: str | None = None
+    query_instruction_format: str = "{}{}"
+
+
+#: config.json model types of the encoders bgert exports as embedders
+ENCODER_TYPES = ("bert", "xlm-roberta", "roberta", "camembert", "distilbert", "mpnet", "electra", "deberta-v2")
+
+
+@register
+class EmbedderFamily(Family):
+    """Encoder embedders: BGE v1/v1.5 (CLS pooling) and sentence-transformers BERT models (mean)."""
+
+    name = "embedder"
+    runtime_class = Embedder
+    section = EmbedderSection
+    export_spec = "bgert.export.embedder_spec:EmbedderSpec"
+    bench_adapter = "bgert.benchmarks.bench_families:EmbedderBench"
+    outputs = {"dense": "vectors"}
+    model_types = ENCODER_TYPES
+    triton_text_inputs = ("TEXT",)
+
+    @classmethod
+    def detect(cls, ck: Checkpoint) -> int:
+        """A sentence-transformers layout (modules.json) says embedder as clearly as an architecture does."""
+        if ck.model_type in cls.model_types and ck.has("modules.json"):
+            return ARCHITECTURE
+        return super().detect(ck)

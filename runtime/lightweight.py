@@ -10,13 +10,15 @@ model runs it (cutoffs sorted, compression only at layers 0 < c < max(cutoffs), 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from .base import check_call_options
 from .manifest import Graph
-from .reranker import LLMReranker, Pair, check_pairs
+from .registry import register
+from .reranker import LLMReranker, LLMRerankerSection, Pair, _RerankerFamily, check_pairs
 from .windows import windowed
 from .request import Item, Request, request_method
 
@@ -44,17 +46,15 @@ class LightweightReranker(LLMReranker):
     >>> r.compute_score(pairs, cutoff_layers=[28], compress_ratio=2, compress_layers=[24, 40])
     """
 
-    kinds = ("lightweight_reranker",)
-
     def __init__(self, model_dir: str, *, cutoff_layers: int | Sequence[int] | None = None,
                  compress_ratio: int = 1, compress_layers: Sequence[int] = (8,), **kwargs: Any):
         super().__init__(model_dir, **kwargs)
-        m = self.manifest
+        m = self.manifest.section
         # the reference pads on the right whatever the tokenizer says (compression needs it); the export
         # stores that side in the manifest, and the tokenizer itself is left as it is
-        self.padding_side = str(m.get("padding_side", "right"))
-        self.layout = (int(m.get("start_layer")), int(m.get("num_hidden_layers")), int(m.get("layer_sep", 1)))
-        self.combinations = [dict(c) for c in m.get("combinations")]
+        self.padding_side = m.padding_side
+        self.layout = (m.start_layer, m.num_hidden_layers, m.layer_sep)
+        self.combinations = [dict(c) for c in m.combinations]
         self.cutoff_layers, self.compress_ratio, self.compress_layers = cutoff_layers, compress_ratio, compress_layers
 
     def graph_for(self, combo: dict[str, Any]) -> Graph:
@@ -93,3 +93,35 @@ class LightweightReranker(LLMReranker):
             return per_layer[0] if n_cut == 1 else per_layer
 
         return self._request(items, graph, batch_size, cut, finish, self.padding_side)
+
+
+@dataclass(kw_only=True)
+class LightweightSection(LLMRerankerSection):
+    """The exported (cutoff_layers, compress_ratio, compress_layers) combinations and the layer layout."""
+
+    output_name: str = "scores"
+    combinations: list[dict[str, Any]]
+    start_layer: int
+    num_hidden_layers: int
+    layer_sep: int = 1
+    final_logit_softcapping: float | None = None
+    padding_side: str = "right"
+
+
+@register
+class LightweightFamily(_RerankerFamily):
+    """bge-reranker-v2.5-gemma2-lightweight (LightWeightFlagLLMReranker)."""
+
+    name = "lightweight_reranker"
+    runtime_class = LightweightReranker
+    section = LightweightSection
+    export_spec = "bgert.export.lightweight_spec:LightweightRerankerSpec"
+    bench_adapter = None
+    bench_not_covered = ("its reference, FlagEmbedding's LightWeightFlagLLMReranker, runs only under "
+                         "transformers <= 4.47 (this environment has a newer one); its parity is checked "
+                         "against stored reference scores by tests/test_lightweight.py")
+    outputs = {"scores": "scores"}
+    architectures = ("*CostWise*",)
+    model_types = ("cost_wise_gemma",)
+    name_hints = ("lightweight",)
+    triton_text_inputs = None  # several graphs and extra length inputs: the model steps only

@@ -14,6 +14,7 @@ batched by the token budget as usual, which bounds their attention memory.
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ from .base import BgeModel, check_call_options
 from .batching import Batch, pad
 from .embedder import format_instruction, query_settings
 from .manifest import Manifest
+from .registry import Checkpoint, Family, register
 from .request import Item, Job, Request, request_method
 from .reranker import check_pairs
 from .tokenize import check_max_length, check_texts
@@ -38,7 +40,7 @@ _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (
 
 def sparse_drop_ids(manifest: Manifest) -> np.ndarray:
     """Token ids never given a lexical weight: the manifest's list, else cls/eos/pad/unk (as BGEM3FlagModel)."""
-    drop = manifest.get("sparse_drop_ids")
+    drop = manifest.section.sparse_drop_ids
     if drop is None:
         info = manifest.tokenizer_info
         drop = [info[k] for k in ("cls_token_id", "eos_token_id", "pad_token_id", "unk_token_id") if k in info]
@@ -89,7 +91,6 @@ class _Encoded:
 class M3Embedder(BgeModel):
     """BGE-M3 served from an ONNX artifact, with BGEM3FlagModel-compatible calls and outputs."""
 
-    kinds = ("m3",)
 
     def __init__(self, model_dir: str, *, query_instruction_for_retrieval: str | None = None,
                  query_instruction_format: str | None = None, normalize_embeddings: bool | None = None,
@@ -100,8 +101,8 @@ class M3Embedder(BgeModel):
         the artifact's max length); pass ``max_length=8192`` per call, or here, for long texts.
         ``max_padded_length``: on CPU, batches longer than this are never padded (see module doc)."""
         super().__init__(model_dir, **kwargs)
-        m = self.manifest
-        self.heads: tuple[str, ...] = tuple(m.get("heads", ("dense", "sparse", "colbert")))
+        m = self.manifest.section
+        self.heads: tuple[str, ...] = tuple(m.heads)
         query_settings(self, query_instruction_for_retrieval, query_instruction_format, normalize_embeddings)
         if self.graph_normalizes and not self.normalize_embeddings:
             raise ValueError("this artifact's graph outputs L2-normalised vectors; re-export with "
@@ -111,12 +112,12 @@ class M3Embedder(BgeModel):
         self.passage_max_length = check_max_length(passage_max_length or default, self.max_length)
         self.return_dense, self.return_sparse, self.return_colbert_vecs = return_dense, return_sparse, return_colbert_vecs
         self.max_padded_length = int(max_padded_length)
-        self.sparse_drop_ids = sparse_drop_ids(m)
-        self.clean_up_tokenization_spaces = bool(m.get("clean_up_tokenization_spaces", False))
+        self.sparse_drop_ids = sparse_drop_ids(self.manifest)
+        self.clean_up_tokenization_spaces = m.clean_up_tokenization_spaces
 
     @property
     def dim(self) -> int:
-        return int(self.manifest.get("dim"))
+        return self.manifest.section.dim
 
     # ---- batching policy --------------------------------------------------------------------
     def _plan_batches(self, lengths: Sequence[int], batch_size: int, multiple_of: int = 1) -> list[Batch]:
@@ -363,3 +364,49 @@ class M3Embedder(BgeModel):
         vocab = int(max(t1.max(initial=0), t2.max(initial=0))) + 1
         _, i1, i2 = np.intersect1d(p1 * vocab + t1, p2 * vocab + t2, assume_unique=True, return_indices=True)
         return np.bincount(p1[i1], weights=w1[i1] * w2[i2], minlength=len(lex1)).astype(np.float32)
+
+
+@dataclass(kw_only=True)
+class M3Section:
+    """The manifest keys of a BGE-M3 artifact."""
+
+    dim: int
+    heads: list[str] = field(default_factory=lambda: ["dense", "sparse", "colbert"])
+    normalize: bool = True
+    pooling: str = "cls"
+    colbert_dim: int | None = None
+    sparse_drop_ids: list[int] | None = None
+    clean_up_tokenization_spaces: bool = False
+    query_instruction: str | None = None
+    query_instruction_format: str = "{}{}"
+
+
+@register
+class M3Family(Family):
+    """BGE-M3: dense, lexical (sparse) and ColBERT outputs of one graph."""
+
+    name = "m3"
+    runtime_class = M3Embedder
+    section = M3Section
+    export_spec = "bgert.export.m3_spec:M3Spec"
+    bench_adapter = "bgert.benchmarks.bench_families:M3Bench"
+    outputs = {"dense": "vectors", "sparse": "lexical_weights", "colbert": "token_vectors"}
+    required_files = ("colbert_linear.pt", "sparse_linear.pt")
+    triton_text_inputs = ("TEXT",)
+    triton_postprocess = "m3"
+    triton_renames = {"dense": "dense_vecs"}  # BGEM3FlagModel.encode's keys
+
+    @classmethod
+    def detect(cls, ck: Checkpoint) -> int:
+        """The two head files; a checkpoint named bge-m3 without them is refused (FlagEmbedding would
+        silently use random heads)."""
+        strength = super().detect(ck)
+        if not strength and "bge-m3" in ck.name:
+            raise ValueError(f"{ck.path} looks like bge-m3 but lacks colbert_linear.pt / sparse_linear.pt; "
+                             "FlagEmbedding would silently use random heads. Copy both files in, or pass "
+                             "--kind embedder for the dense output only.")
+        return strength
+
+    @classmethod
+    def default_text_length(cls, manifest: Manifest) -> int:
+        return min(REFERENCE_MAX_LENGTH, manifest.max_length)

@@ -15,19 +15,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import registry
+
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 
-#: model kinds the manifest may name; each maps to one runtime class (see bgert.runtime.load)
-KINDS = (
-    "embedder",            # encoder embedder (BGE v1/v1.5, sentence-transformers BERT)
-    "m3",                  # BGE-M3: dense + sparse + colbert
-    "reranker",            # cross-encoder
-    "llm_reranker",        # bge-reranker-v2-gemma
-    "layerwise_reranker",  # bge-reranker-v2-minicpm-layerwise
-    "lightweight_reranker",
-    "decoder_embedder",
-)
+
+
+def __getattr__(name: str) -> Any:
+    """``KINDS``: the model kinds a manifest may name, read from the family registry (bgert.runtime.registry)."""
+    if name == "KINDS":
+        return registry.kinds()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ArtifactError(RuntimeError):
@@ -137,6 +136,7 @@ class Manifest:
 
     root: str
     raw: dict[str, Any]
+    _section: Any = field(default=None, repr=False, compare=False)
 
     # ---- common fields -------------------------------------------------------------
     @property
@@ -167,6 +167,22 @@ class Manifest:
     def length_buckets(self) -> list[int]:
         return list(self.raw.get("length_buckets") or default_buckets(self.max_length))
 
+    @property
+    def section(self) -> Any:
+        """The kind's typed manifest section (its family's dataclass), checked once: ArtifactError
+        naming a missing or mistyped field."""
+        if self._section is None:
+            try:
+                fam = registry.family(self.kind)
+            except KeyError as e:
+                raise ArtifactError(f"{os.path.join(self.root, MANIFEST_FILE)}: {e.args[0]}") from None
+            try:
+                self._section = fam.parse_section(self.raw)
+            except registry.SectionError as e:
+                raise ArtifactError(f"{os.path.join(self.root, MANIFEST_FILE)} ({self.kind}) {e}. "
+                                    "Re-export the artifact with this bgert.") from None
+        return self._section
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.raw.get(key, default)
 
@@ -191,8 +207,9 @@ def default_buckets(max_length: int, smallest: int = 16) -> list[int]:
     return out
 
 
-def read_manifest(artifact_dir: str, verify: bool | str = True) -> Manifest:
-    """Load ``manifest.json`` from ``artifact_dir`` and check its files.
+def read_manifest(artifact_dir: str, verify: bool | str = True, section: bool = True) -> Manifest:
+    """Load ``manifest.json`` from ``artifact_dir`` and check its files; with ``section``, check the kind's
+    typed section now (else on first use of ``Manifest.section``).
 
     ``verify=True`` checks every file's sha256, hashing only files not verified before in their
     present state (same device, inode, size, mtime and ctime: see ``verified_dir``), so loading a
@@ -223,12 +240,14 @@ def read_manifest(artifact_dir: str, verify: bool | str = True) -> Manifest:
         raise ArtifactError(
             f"{mpath} has schema_version {version!r}; this bgert reads version {SCHEMA_VERSION}. "
             "Upgrade bgert (pip install -U bgert) or re-export the artifact with this version.")
-    if raw.get("kind") not in KINDS:
-        raise ArtifactError(f"{mpath} names kind {raw.get('kind')!r}; known kinds: {', '.join(KINDS)}.")
+    if raw.get("kind") not in registry.FAMILIES:
+        raise ArtifactError(f"{mpath} names kind {raw.get('kind')!r}; known kinds: {', '.join(registry.kinds())}.")
     for key in ("max_length", "graphs", "files"):
         if key not in raw:
             raise ArtifactError(f"{mpath} lacks the required key {key!r}. Re-export the artifact.")
     m = Manifest(root=artifact_dir, raw=raw)
+    if section:
+        m.section  # noqa: B018 (checks the typed section)
     if verify:
         verify_files(m, full=verify == "full")
     else:

@@ -14,6 +14,7 @@ in float64.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -21,6 +22,7 @@ import numpy as np
 from .base import BgeModel, check_call_options
 from .embedder import format_instruction
 from .manifest import ArtifactError, Graph, Manifest
+from .registry import MODEL_TYPE, Checkpoint, Family, register
 from .request import Item, Request, request_method
 from .tokenize import TextTokenizer, check_max_length, check_texts
 from .windows import windowed
@@ -90,7 +92,7 @@ def tokenize_sides(tokenizer: TextTokenizer, queries: Sequence[str], passages: S
 def pair_template(manifest: Manifest) -> tuple[list[int], list[int] | None]:
     """A cross-encoder's pair template from its manifest: ids with one FIRST and one SECOND placeholder,
     and the token type ids (None where the model takes none)."""
-    template = manifest.get("pair_template") or {}
+    template = manifest.section.pair_template
     ids = list(template.get("input_ids") or [])
     if ids.count(FIRST) != 1 or ids.count(SECOND) != 1:
         raise ArtifactError(f"{manifest.root}: the manifest's pair_template is missing or damaged; "
@@ -100,7 +102,7 @@ def pair_template(manifest: Manifest) -> tuple[list[int], list[int] | None]:
 
 def bos_prefix(manifest: Manifest) -> list[int]:
     """The id an LLM reranker puts before the query (FlagLLMReranker's bos), or none."""
-    bos = manifest.get("bos_prefix_id")
+    bos = manifest.section.bos_prefix_id
     return [] if bos is None else [int(bos)]
 
 
@@ -139,22 +141,22 @@ class _PairReranker(BgeModel):
                  query_instruction_format: str = "{}{}", passage_instruction_for_rerank: str | None = None,
                  passage_instruction_format: str = "{}{}", **kwargs: Any):
         super().__init__(model_dir, **kwargs)
-        m = self.manifest
-        self.model_max_length = m.max_length
-        self.max_length = check_max_length(m.get("default_max_length", 512) if max_length is None else max_length,
+        m = self.manifest.section
+        self.model_max_length = self.manifest.max_length
+        self.max_length = check_max_length(m.default_max_length if max_length is None else max_length,
                                            self.model_max_length)
         self.query_max_length = query_max_length
         self.normalize = normalize
         self.query_instruction_for_rerank = (query_instruction_for_rerank if query_instruction_for_rerank is not None
-                                             else m.get("query_instruction_for_rerank"))
+                                             else m.query_instruction_for_rerank)
         self.query_instruction_format = query_instruction_format
         self.passage_instruction_for_rerank = (passage_instruction_for_rerank
                                                if passage_instruction_for_rerank is not None
-                                               else m.get("passage_instruction_for_rerank"))
+                                               else m.passage_instruction_for_rerank)
         self.passage_instruction_format = passage_instruction_format
-        self.truncation_side = m.get("truncation_side", "right")
-        self.output_name = m.get("output_name", "score")
-        self.pad_to_multiple_of = int(m.get("pad_to_multiple_of", 1))
+        self.truncation_side = m.truncation_side
+        self.output_name = m.output_name
+        self.pad_to_multiple_of = m.pad_to_multiple_of
         self._warned_truncation = False
 
     def _lengths(self, query_max_length: int | None, max_length: int | None) -> tuple[int, int]:
@@ -207,7 +209,6 @@ class Reranker(_PairReranker):
     [5.26, -8.18]
     """
 
-    kinds = ("reranker",)
 
     def __init__(self, model_dir: str, **kwargs: Any):
         super().__init__(model_dir, **kwargs)
@@ -240,19 +241,18 @@ class LLMReranker(_PairReranker):
     the constructor (default: the reference's).
     """
 
-    kinds = ("llm_reranker",)
 
     def __init__(self, model_dir: str, *, prompt: str | None = None, **kwargs: Any):
         super().__init__(model_dir, **kwargs)
         self.prompt = prompt
-        self.separator = self.manifest.get("separator", "\n")
+        self.separator = self.manifest.section.separator
         self.bos_prefix = bos_prefix(self.manifest)
 
     def _pieces(self, pairs: list[Pair], query_max_length: int, max_length: int,
                 prompt: str | None) -> tuple[list[tuple[list[int], list[int], list[int]]], bool]:
         """``llm_pieces`` of these pairs, with the call's prompt, else the constructor's, else the manifest's;
         and whether any side was cut."""
-        prompt = prompt if prompt is not None else self.prompt if self.prompt is not None else self.manifest.get("prompt")
+        prompt = prompt if prompt is not None else self.prompt if self.prompt is not None else self.manifest.section.prompt
         sides, cut = self._sides(pairs, query_max_length, max_length)
         return llm_pieces(self.tokenizer, sides, self.bos_prefix, self.separator, prompt, max_length,
                           self.truncation_side), cut
@@ -290,13 +290,13 @@ class LayerwiseReranker(LLMReranker):
     exported cutoff (the last layer unless the export chose otherwise, as in the reference).
     """
 
-    kinds = ("layerwise_reranker",)
 
     def __init__(self, model_dir: str, *, cutoff_layers: int | Sequence[int] | None = None, **kwargs: Any):
         super().__init__(model_dir, **kwargs)
-        self.exported_cutoffs = sorted(int(c) for c in self.manifest.get("cutoff_layers"))
-        self.start_layer = int(self.manifest.get("start_layer"))
-        self.num_hidden_layers = int(self.manifest.get("num_hidden_layers"))
+        m = self.manifest.section
+        self.exported_cutoffs = sorted(m.cutoff_layers)
+        self.start_layer = m.start_layer
+        self.num_hidden_layers = m.num_hidden_layers
         self.cutoff_layers = cutoff_layers
 
     def _cutoffs(self, cutoff_layers: int | Sequence[int] | None) -> list[int]:
@@ -344,3 +344,115 @@ class LayerwiseReranker(LLMReranker):
             return per_layer[0] if len(per_layer) == 1 else per_layer
 
         return self._request(items, graph, batch_size, cut, finish)
+
+
+#: FlagReranker's / FlagLLMReranker's default max_length (capped by the model's own limit at export)
+DEFAULT_MAX_LENGTH = 512
+
+
+@dataclass(kw_only=True)
+class RerankerSection:
+    """The manifest keys every reranker has."""
+
+    default_max_length: int = DEFAULT_MAX_LENGTH
+    truncation_side: str = "right"
+    output_name: str = "score"
+    pad_to_multiple_of: int = 1
+    query_instruction_for_rerank: str | None = None
+    passage_instruction_for_rerank: str | None = None
+
+
+@dataclass(kw_only=True)
+class CrossEncoderSection(RerankerSection):
+    """A cross-encoder: the tokenizer's pair template (ids with FIRST/SECOND placeholders, token types)."""
+
+    pair_template: dict[str, Any]
+
+
+@dataclass(kw_only=True)
+class LLMRerankerSection(RerankerSection):
+    """A decoder reranker: prompt, separator, the bos id put before the query, the ``Yes`` token."""
+
+    prompt: str
+    separator: str = "\n"
+    bos_prefix_id: int | None = None
+    yes_token_id: int | None = None
+
+
+@dataclass(kw_only=True)
+class LayerwiseSection(LLMRerankerSection):
+    """A layerwise reranker: the exported cutoffs and the layer range they may come from."""
+
+    output_name: str = "scores"
+    cutoff_layers: list[int]
+    start_layer: int
+    num_hidden_layers: int
+
+
+class _RerankerFamily(Family):
+    """What the rerankers share: pairs in, scores out, bench adapter, Triton's pair inputs and sigmoid step."""
+
+    bench_adapter = "bgert.benchmarks.bench_families:RerankerBench"
+    triton_text_inputs = ("QUERY", "PASSAGE")
+    triton_postprocess = "reranker"
+
+    @classmethod
+    def default_text_length(cls, manifest: Manifest) -> int:
+        return manifest.section.default_max_length
+
+
+@register
+class CrossEncoderFamily(_RerankerFamily):
+    """Cross-encoders (FlagReranker): bge-reranker-base, -large, -v2-m3, BERT cross-encoders."""
+
+    name = "reranker"
+    runtime_class = Reranker
+    section = CrossEncoderSection
+    export_spec = "bgert.export.reranker_spec:CrossEncoderSpec"
+    outputs = {"score": "scores"}
+    architectures = ("*ForSequenceClassification",)
+
+    @classmethod
+    def triton_assembly(cls, manifest: Manifest) -> dict[str, Any]:
+        ids, types = pair_template(manifest)
+        return {"template": ids, "template_types": types}
+
+
+@register
+class LLMRerankerFamily(_RerankerFamily):
+    """bge-reranker-v2-gemma (FlagLLMReranker): the ``Yes`` logit at the last token."""
+
+    name = "llm_reranker"
+    runtime_class = LLMReranker
+    section = LLMRerankerSection
+    export_spec = "bgert.export.reranker_spec:LLMRerankerSpec"
+    bench_adapter = "bgert.benchmarks.bench_families:LLMRerankerBench"
+    outputs = {"score": "scores"}
+
+    @classmethod
+    def detect(cls, ck: Checkpoint) -> int:
+        """A causal LM is an LLM reranker or a decoder embedder: nothing in its config tells them apart,
+        so only a causal LM whose directory name says reranker is taken for one (else pass --kind)."""
+        causal = any(a.endswith("ForCausalLM") for a in ck.architectures)
+        return MODEL_TYPE if causal and "reranker" in ck.name else 0
+
+    @classmethod
+    def triton_assembly(cls, manifest: Manifest) -> dict[str, Any]:
+        s = manifest.section
+        return {"bos_prefix": bos_prefix(manifest), "separator": s.separator, "prompt": s.prompt}
+
+
+@register
+class LayerwiseFamily(_RerankerFamily):
+    """bge-reranker-v2-minicpm-layerwise (LayerWiseFlagLLMReranker): one graph per cutoff."""
+
+    name = "layerwise_reranker"
+    runtime_class = LayerwiseReranker
+    section = LayerwiseSection
+    export_spec = "bgert.export.reranker_spec:LayerwiseRerankerSpec"
+    bench_adapter = "bgert.benchmarks.bench_families:LayerwiseBench"
+    outputs = {"scores": "scores"}
+    architectures = ("*LayerWise*",)
+    model_types = ("minicpm",)
+    name_hints = ("layerwise",)
+    triton_text_inputs = None  # several graphs: the model steps only (clients send token ids)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import tiny_models
-from bgert.benchmarks.bench import EmbedderFamily, RerankerFamily, flops_model, sequence_flops
+from bgert.benchmarks.bench import flops_model, sequence_flops
+from bgert.benchmarks.bench_families import EmbedderBench, RerankerBench
 from bgert.benchmarks.eval import exact_search, load_beir, score_run
 from bgert.benchmarks.machine import command_line, machine_info
 from bgert.cli import main
@@ -54,7 +55,7 @@ def _family(cls, gate: dict) -> object:
 
 
 def test_gates_follow_the_gate_the_export_recorded():
-    fam = _family(EmbedderFamily, {"cos_mean": 0.99, "cos_min": 0.97, "spearman": 0.98})
+    fam = _family(EmbedderBench, {"cos_mean": 0.99, "cos_min": 0.97, "spearman": 0.98})
     ok = {"dense": {"cos_mean": 0.999999, "cos_min": 0.99999}}
     fp32 = fam.gate(ok, "fp32", {})
     assert [(g["metric"], g["threshold"], g["passed"]) for g in fp32] == [("cos_min", 0.99999, True)]
@@ -62,7 +63,7 @@ def test_gates_follow_the_gate_the_export_recorded():
     assert {g["metric"]: (g["threshold"], g["passed"]) for g in got} == {"cos_min": (0.97, True),
                                                                           "cos_mean": (0.99, False)}
     assert fam.gate({"dense": {"cos_mean": 0.995, "cos_min": 0.98}}, "int8", {"int8": 0.985})[0]["passed"] is False
-    rr = _family(RerankerFamily, {"spearman": 0.995})
+    rr = _family(RerankerBench, {"spearman": 0.995})
     assert rr.gate({"score": {"spearman": 0.99, "max_abs_diff": 0.5}}, "int8", {}) == [
         {"output": "score", "metric": "spearman", "value": 0.99, "op": ">=", "threshold": 0.995, "passed": False}]
     assert rr.gate({"score": {"spearman": 1.0, "max_abs_diff": 2e-3}}, "fp32", {})[0]["passed"] is False

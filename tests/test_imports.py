@@ -29,13 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 #: which bgert sub-packages each may import (lower layers never import higher ones)
 LAYERS = {
     "bgert": set(),
-    "cli": {"benchmarks", "export", "server", "triton_models", "integrations", "runtime"},
-    "benchmarks": {"export", "triton_models", "integrations", "runtime"},
+    "cli": {"benchmarks", "export", "server", "triton_models", "integrations", "runtime", "quality"},
+    "benchmarks": {"export", "triton_models", "integrations", "runtime", "quality"},
     "integrations": {"runtime"},
-    "export": {"runtime"},
+    "export": {"runtime", "quality"},
     "triton_models": {"runtime"},
     "server": {"runtime"},
     "runtime": set(),
+    "quality": set(),  # bgert/quality.py: statistics and gates for export and bench (numpy; scipy when scoring)
 }
 #: external packages the runtime may import (besides the standard library): the base install and
 #: the optional Triton client, OpenVINO backend and progress bars

@@ -200,10 +200,10 @@ def test_compare_handles_every_output_shape():
     ref = {"dense": [rng.normal(size=(3, 8))], "tokens": [rng.normal(size=(2, 5, 4)), rng.normal(size=(1, 7, 4))],
            "weights": [np.abs(rng.normal(size=(2, 5))), np.abs(rng.normal(size=(1, 9)))]}
     got = {k: [c + 1e-3 for c in v] for k, v in ref.items()}
-    out = prec.compare(ref, got, scores=False)
+    out = prec.compare(ref, got, {"dense": "vectors", "tokens": "token_vectors", "weights": "lexical_weights"})
     assert out["tokens"]["n"] == 17 and out["weights"]["n"] == 3
     assert all(0.99 < out[k]["cos_min"] <= 1.0 for k in ref)
-    s = prec.compare({"score": [np.arange(6.0)[:, None]]}, {"score": [np.arange(6.0)[::-1, None]]}, scores=True)
+    s = prec.compare({"score": [np.arange(6.0)[:, None]]}, {"score": [np.arange(6.0)[::-1, None]]}, {"score": "scores"})
     assert s["score"]["spearman"] == pytest.approx(-1.0)
     assert prec.gate_failures(prec.summarize({"a": s}), {"spearman": 0.98})
 

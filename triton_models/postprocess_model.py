@@ -22,8 +22,8 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the vendored bgert.runtime wins
 
-from bgert.runtime.m3 import colbert_vectors, lexical_weights  # noqa: E402
-from bgert.runtime.reranker import sigmoid  # noqa: E402
+from bgert.runtime.m3 import M3Family, colbert_vectors, lexical_weights  # noqa: E402
+from bgert.runtime.reranker import CrossEncoderFamily, sigmoid  # noqa: E402
 from bgert.triton_models.python_model import model_args  # noqa: E402
 
 
@@ -40,7 +40,9 @@ def pack(rows, fill, dtype):
 class TritonPythonModel:
     def initialize(self, args):
         cfg = model_args(args, __file__)
-        self.kind = cfg.params["kind"]
+        # the step the family names (triton_postprocess): BGE-M3's, or the rerankers' sigmoid
+        self.step = {M3Family.triton_postprocess: self._m3,
+                     CrossEncoderFamily.triton_postprocess: self._reranker}[cfg.params["kind"]]
         self.drop_ids = np.asarray(json.loads(cfg.params.get("sparse_drop_ids", "[]")), dtype=np.int64)
         self.input_names, self.output_names = cfg.input_names, cfg.output_names
 
@@ -64,7 +66,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 got = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.input_names}
-                out = self._m3(got) if self.kind == "m3" else self._reranker(got)
+                out = self.step(got)
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor(n, out[n]) for n in self.output_names]))
             except Exception as e:  # one bad request must not fail the others of the batch

@@ -33,9 +33,10 @@ from typing import Any, Sequence
 
 from bgert.runtime.base import default_precision
 from bgert.runtime.batching import DEFAULT_TOKEN_BUDGET
-from bgert.runtime.m3 import REFERENCE_MAX_LENGTH, sparse_drop_ids
+from bgert.runtime.m3 import sparse_drop_ids
 from bgert.runtime.manifest import ArtifactError, Graph, Manifest, read_manifest
-from bgert.runtime.reranker import bos_prefix, default_query_max_length, pair_template
+from bgert.runtime.registry import family
+from bgert.runtime.reranker import default_query_max_length
 from bgert.runtime.tokenize import check_max_length
 from bgert.runtime.triton_backend import (PARAM_PRECISION, PARAM_SHA256, default_repo_name, model_step_name,
                                           sanitize_name)
@@ -45,12 +46,6 @@ log = logging.getLogger("bgert")
 
 BACKENDS = ("onnxruntime", "tensorrt", "python")
 DEVICES = ("gpu", "cpu")
-TEXT_INPUT = "TEXT"
-PAIR_INPUTS = ("QUERY", "PASSAGE")
-#: kinds whose raw-text ensemble (tokenizer → model → post-processing) is written; others get the model step(s) only
-ENSEMBLE_KINDS = ("embedder", "m3", "reranker", "llm_reranker")
-#: kinds whose ensemble takes (QUERY, PASSAGE) pairs and gives scores
-PAIR_KINDS = ("reranker", "llm_reranker")
 #: BGE-M3 graph outputs → the ensemble outputs the post-processing step makes of them
 M3_POSTPROCESS = {"sparse": ("lexical_ids", "lexical_weights", "lexical_lengths"),
                   "colbert": ("colbert_vecs", "colbert_lengths")}
@@ -147,15 +142,16 @@ def model_step_config(name: str, graph: Graph, manifest: Manifest, inputs: list,
 
 def text_max_length(manifest: Manifest, max_length: int | None = None) -> int:
     """Tokens a text (a pair, for rerankers) is truncated to: ``max_length``, else the runtime class's
-    default (embedders: the model's max length; BGE-M3: 512 as BGEM3FlagModel; rerankers: the
-    manifest's default_max_length), capped at the model's max length."""
-    if max_length is None and manifest.kind == "m3":
-        max_length = min(REFERENCE_MAX_LENGTH, manifest.max_length)
-    elif max_length is None and manifest.kind in PAIR_KINDS:
-        max_length = manifest.get("default_max_length", 512)
-    elif max_length is None:
-        max_length = manifest.max_length
+    default (its family's ``default_text_length``: embedders the model's max length, BGE-M3 512 as
+    BGEM3FlagModel, rerankers the manifest's default_max_length), capped at the model's max length."""
+    if max_length is None:
+        max_length = family(manifest.kind).default_text_length(manifest)
     return check_max_length(max_length, manifest.max_length)
+
+
+def text_inputs(manifest: Manifest) -> tuple[str, ...]:
+    """The ensemble's raw-text inputs (TEXT, or QUERY and PASSAGE), from the artifact's family."""
+    return family(manifest.kind).triton_text_inputs or ()
 
 
 def _python_step(name: str, inputs: list, outputs: list, *, instances: int, max_batch_size: int,
@@ -187,21 +183,17 @@ def tokenizer_config(name: str, manifest: Manifest, graph_inputs: list, *, insta
     length = text_max_length(manifest, max_length)
     params: dict[str, Any] = {"tokenizer_info": json.dumps(manifest.tokenizer_info), "max_length": length,
                               "length_buckets": json.dumps(manifest.length_buckets)}
-    if manifest.kind in PAIR_KINDS:
-        if manifest.kind == "reranker":
-            ids, types = pair_template(manifest)
-            assembly = {"template": ids, "template_types": types}
-        else:
-            assembly = {"bos_prefix": bos_prefix(manifest), "separator": manifest.get("separator", "\n"),
-                        "prompt": manifest.get("prompt")}
+    assembly = family(manifest.kind).triton_assembly(manifest)
+    if assembly is not None:
+        s = manifest.section
         params.update({"assembly": json.dumps(assembly),
-                       "pad_to_multiple_of": int(manifest.get("pad_to_multiple_of", 1)),
+                       "pad_to_multiple_of": s.pad_to_multiple_of,
                        "query_max_length": default_query_max_length(length),
                        "model_max_length": manifest.max_length,
-                       "truncation_side": manifest.get("truncation_side", "right"),
-                       "instructions": json.dumps({"query": manifest.get("query_instruction_for_rerank"),
-                                                   "passage": manifest.get("passage_instruction_for_rerank")})})
-    return _python_step(name, _strings(PAIR_INPUTS if manifest.kind in PAIR_KINDS else [TEXT_INPUT]),
+                       "truncation_side": s.truncation_side,
+                       "instructions": json.dumps({"query": s.query_instruction_for_rerank,
+                                                   "passage": s.passage_instruction_for_rerank})})
+    return _python_step(name, _strings(text_inputs(manifest)),
                         [{"name": i["name"], "data_type": i["data_type"], "dims": [-1]} for i in graph_inputs],
                         instances=instances, max_batch_size=max_batch_size, queue_delay_us=queue_delay_us,
                         params=params)
@@ -212,11 +204,15 @@ def postprocess_config(name: str, manifest: Manifest, graph_inputs: list, graph_
     """config.pbtxt fields of the python post-processing model, or None when the kind needs none
     (embedders, BGE-M3 with the dense head only)."""
     specs = {o["name"]: o for o in graph_outputs}
-    if manifest.kind in PAIR_KINDS:
-        score = specs[manifest.get("output_name", "score")]
+    fam = family(manifest.kind)
+    step = fam.triton_postprocess
+    if step is None:
+        return None
+    if fam.gives_scores():  # the sigmoid of the score
+        score = specs[manifest.section.output_name]
         return _python_step(name, [_renamed(score)], [_renamed(score, "normalized_score")], instances=instances,
-                            max_batch_size=max_batch_size, queue_delay_us=queue_delay_us, params={"kind": "reranker"})
-    heads = [h for h in M3_POSTPROCESS if h in specs] if manifest.kind == "m3" else []
+                            max_batch_size=max_batch_size, queue_delay_us=queue_delay_us, params={"kind": step})
+    heads = [h for h in M3_POSTPROCESS if h in specs]  # BGE-M3's lexical weights and ColBERT vectors
     if not heads:
         return None
     dim = specs["colbert"]["dims"][-1] if "colbert" in specs else None
@@ -229,7 +225,7 @@ def postprocess_config(name: str, manifest: Manifest, graph_inputs: list, graph_
            if i["name"] in ("input_ids", "attention_mask")]
     return _python_step(name, ids + [specs[h] for h in heads], outputs, instances=instances,
                         max_batch_size=max_batch_size, queue_delay_us=queue_delay_us,
-                        params={"kind": "m3", "sparse_drop_ids": json.dumps(sparse_drop_ids(manifest).tolist())})
+                        params={"kind": step, "sparse_drop_ids": json.dumps(sparse_drop_ids(manifest).tolist())})
 
 
 def ensemble_config(name: str, tokenizer: str, model: str, manifest: Manifest, graph_inputs: list,
@@ -240,12 +236,13 @@ def ensemble_config(name: str, tokenizer: str, model: str, manifest: Manifest, g
     def maps(names: Sequence[str], to: dict[str, str] | None = None) -> dict[str, str]:
         return {n: (to or {}).get(n, n) for n in names}
 
-    texts = list(PAIR_INPUTS) if manifest.kind in PAIR_KINDS else [TEXT_INPUT]
+    fam = family(manifest.kind)
+    texts = list(text_inputs(manifest))
     ids = [i["name"] for i in graph_inputs]
     out_names = [o["name"] for o in graph_outputs]
-    rename = {"dense": "dense_vecs"} if manifest.kind == "m3" else {}  # BGEM3FlagModel.encode's keys
+    rename = fam.triton_renames
     outputs = [_renamed(o, rename.get(o["name"], o["name"])) for o in graph_outputs
-               if postprocess is None or manifest.kind in PAIR_KINDS or o["name"] not in M3_POSTPROCESS]
+               if postprocess is None or fam.gives_scores() or o["name"] not in M3_POSTPROCESS]
     steps = [{"model_name": tokenizer, "model_version": -1, "input_map": maps(texts), "output_map": maps(ids)},
              {"model_name": model, "model_version": -1, "input_map": maps(ids),
               "output_map": maps(out_names, rename)}]
@@ -366,7 +363,7 @@ def write_repository(artifact: str, out: str, *, backend: str = "onnxruntime", d
     manifest = read_manifest(artifact)
     base = sanitize_name(name) if name else default_repo_name(manifest)
     graphs = choose_graphs(manifest, precision, device)
-    with_ensemble = ensemble and manifest.kind in ENSEMBLE_KINDS and len(graphs) == 1
+    with_ensemble = ensemble and bool(text_inputs(manifest)) and len(graphs) == 1
     if ensemble and not with_ensemble:
         log.warning("bgert: no raw-text ensemble for %s artifacts with %d graph(s) yet; writing the model step(s) "
                     "only (clients send token ids, e.g. backend='triton')", manifest.kind, len(graphs))

@@ -51,9 +51,12 @@ def environment() -> dict[str, Any]:
     versions = package_versions(("bgert", "numpy", "tokenizers", "onnxruntime", "onnxruntime-gpu", "tritonclient",
                                  "torch", "transformers", "onnx", "FlagEmbedding"))
     cpu = cpu_info()
+    from bgert.runtime import FAMILIES
+
     report: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
                               "packages": versions, "cpu": {**cpu, "features": cpu_features(cpu)},
-                              "gpus": gpu_info(), "notes": []}
+                              "gpus": gpu_info(), "notes": [],
+                              "families": {k: f.runtime_class.__name__ for k, f in FAMILIES.items()}}
     notes = report["notes"]
     try:
         import onnxruntime as ort
@@ -109,13 +112,13 @@ def _same(a: Any, b: Any, atol: float = 1e-4) -> bool:
 
 def test_inference(model: Any) -> str:
     """Run a small request, check it, and describe it; AssertionError says what is wrong."""
-    if hasattr(model, "encode"):
-        call: Callable[[list], Any] = model.encode
-        items: list = PROBE_TEXTS
-    elif hasattr(model, "compute_score"):
-        call, items = model.compute_score, PROBE_PAIRS
+    from bgert.runtime import family
+
+    if family(model.manifest.kind).gives_scores():
+        call: Callable[[list], Any] = model.compute_score
+        items: list = PROBE_PAIRS
     else:
-        raise AssertionError(f"{type(model).__name__} has neither encode nor compute_score")
+        call, items = model.encode, PROBE_TEXTS
     start = time.perf_counter()
     out = call(items)
     ms = (time.perf_counter() - start) * 1000
@@ -192,7 +195,8 @@ def render(report: dict[str, Any]) -> str:
                                 if "providers" in ort else ort["error"]),
              f"cpu          {cpu['model']} ({cpu['arch']}, {cpu['usable_cores']} usable cores)",
              "cpu features " + ", ".join(f"{k} {_yes(x)}" for k, x in cpu["features"].items()),
-             "gpus         " + (", ".join(f"{g['name']} ({g['memory']})" for g in report["gpus"]) or "none found")]
+             "gpus         " + (", ".join(f"{g['name']} ({g['memory']})" for g in report["gpus"]) or "none found"),
+             "families     " + ", ".join(f"{k} ({c})" for k, c in report["families"].items())]
     lines += [f"note         {n}" for n in report["notes"]]
     art = report.get("artifact")
     if art:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from bgert.runtime import registry
+
 
 def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
@@ -15,9 +17,7 @@ def _ints(s: str) -> list[int]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="local checkpoint directory (or a hub id when the network allows)")
     p.add_argument("--out", "-o", required=True, help="artifact directory to write")
-    p.add_argument("--kind", default="auto",
-                   choices=["auto", "embedder", "m3", "reranker", "llm_reranker", "layerwise_reranker",
-                            "lightweight_reranker", "decoder_embedder"],
+    p.add_argument("--kind", default="auto", choices=["auto", *registry.kinds()],
                    help="model kind (default: detected from config.json and the checkpoint's files)")
     p.add_argument("--max-length", type=int, help="max tokens per input (default: the model's own limit)")
     p.add_argument("--precision", type=_csv, default=["fp32"],

@@ -7,6 +7,10 @@ import json
 from bgert.runtime.base import default_precision
 from bgert.runtime.manifest import read_manifest
 from bgert.runtime.autotune import explain
+from bgert.runtime.registry import family
+
+#: section fields shown when the artifact's family has them
+SHOWN_FIELDS = ("pooling", "normalize", "dim", "query_instruction", "heads", "cutoff_layers")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,12 +29,13 @@ def describe(artifact: str, verify: bool = False) -> str:
     m = read_manifest(artifact, verify="full" if verify else False)
     raw = m.raw
     lines = [f"artifact   {m.root}",
-             f"kind       {m.kind} ({m.family})",
+             f"kind       {m.kind} ({m.family}), served by bgert.runtime.{family(m.kind).runtime_class.__name__}",
              f"source     {raw['source'].get('name')}  sha256 {raw['source'].get('sha256', '')[:16]}…",
              f"max_length {m.max_length}   buckets {m.length_buckets}"]
-    for key in ("pooling", "normalize", "dim", "query_instruction", "heads", "cutoff_layers"):
-        if raw.get(key) is not None:
-            lines.append(f"{key:<10} {raw[key]!r}")
+    section = vars(m.section)
+    for key in SHOWN_FIELDS:
+        if section.get(key) is not None:
+            lines.append(f"{key:<10} {section[key]!r}")
     lines.append("graphs:")
     for g in m.graphs:
         cut = f" cutoff {g.cutoff_layers}" if g.cutoff_layers else ""
