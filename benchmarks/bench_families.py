@@ -168,7 +168,7 @@ class EmbedderBench(BenchAdapter):
         """sentence-transformers for mean-pooling sentence-transformers checkpoints (its home
         library, e.g. all-MiniLM), FlagEmbedding's FlagModel for everything else (BGE)."""
         st = os.path.isfile(os.path.join(src, "modules.json"))
-        return "sentence-transformers" if st and self.manifest.get("pooling") == "mean" else "flagembedding"
+        return "sentence-transformers" if st and self.manifest.section.pooling == "mean" else "flagembedding"
 
     def reference(self, which: str, src: str) -> tuple[Callable[[list[Any], int, str], Any], str]:
         m = self.model
@@ -189,7 +189,7 @@ class EmbedderBench(BenchAdapter):
             return call, "sentence-transformers SentenceTransformer (fp32)"
         from FlagEmbedding import FlagModel
 
-        fm = FlagModel(src, pooling_method=self.manifest.get("pooling", "cls"), use_fp16=False, devices="cpu",
+        fm = FlagModel(src, pooling_method=self.manifest.section.pooling, use_fp16=False, devices="cpu",
                        normalize_embeddings=m.normalize_embeddings,
                        query_instruction_for_retrieval=m.query_instruction_for_retrieval,
                        query_instruction_format=m.query_instruction_format,

@@ -241,7 +241,7 @@ def bench_model(name: str, ckpt: str, art: str, note: str | None, sets: dict[str
     tokens = {k: sum(len(s) for s in counter.tokenizer.encode(v, counter.max_length)) for k, v in sets.items()}
     trt = args.device == "cuda" and not args.no_tensorrt and provider_works(TENSORRT)
     result: dict[str, Any] = {"checkpoint": ckpt, "artifact": art, "precisions": manifest.precisions(),
-                              "pooling": manifest.get("pooling"), "max_length": manifest.max_length,
+                              "pooling": manifest.section.pooling, "max_length": manifest.max_length,
                               "tokens": tokens, "texts": {k: len(v) for k, v in sets.items()},
                               "notes": [note] if note else [], "variants": {}}
     reference: dict[str, np.ndarray] = {}
@@ -251,7 +251,7 @@ def bench_model(name: str, ckpt: str, art: str, note: str | None, sets: dict[str
         row: dict[str, Any] = {}
         try:
             if spec.get("torch"):
-                enc = TorchEmbedder(ckpt, args.device, spec["half"], manifest.get("pooling", "cls"),
+                enc = TorchEmbedder(ckpt, args.device, spec["half"], manifest.section.pooling,
                                     manifest.max_length)
                 encode = enc.encode
             else:

@@ -127,7 +127,7 @@ def test_inference(model: Any) -> str:
     assert all(np.isfinite(n).all() for n in nums), f"{call.__name__} returned NaN or inf"
     alone = _join(call(items[:1]), call(items[1:]))
     assert _same(out, alone), f"{call.__name__} gives other numbers for a batch than for its items alone"
-    if isinstance(out, np.ndarray) and out.ndim == 2 and model.manifest.get("normalize"):
+    if isinstance(out, np.ndarray) and out.ndim == 2 and getattr(model.manifest.section, "normalize", False):
         norms = np.linalg.norm(out, axis=1)
         assert np.allclose(norms, 1.0, atol=1e-3), f"vectors should be unit length, norms {norms}"
     shape = f"{out.shape} {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__
