@@ -55,10 +55,9 @@ def test_no_kind_is_listed_outside_its_family():
                 if value in KIND_NAMES and (path.resolve(), value) not in allowed:
                     offenders.append(f"{path.relative_to(ROOT)}:{line} {value!r}")
     # names that are not kinds: `bgert eval`'s result roles "embedder" / "reranker", `bgert serve`'s route
-    # capability "m3" (/m3/encode, from the model's heads); encode_cmd's M3 switch belongs to the
-    # streaming encode rework (issue #18)
+    # capability "m3" (/m3/encode, from the model's heads)
     exempt = {"benchmarks/eval.py": {"embedder", "reranker"}, "bgert/cli/eval_cmd.py": {"embedder", "reranker"},
-              "bgert/server/app.py": {"m3"}, "bgert/cli/encode_cmd.py": {"m3"}}
+              "bgert/server/app.py": {"m3"}}
     offenders = [o for o in offenders
                  if o.split(" ")[1].strip("'") not in exempt.get(o.split(":")[0], set())]
     assert not offenders, "kinds listed outside the registry:\n" + "\n".join(offenders)

@@ -299,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
                            max_length=args.max_length, precision=args.precision, threads=args.threads)
         print(f"encoded {n} texts on Ray -> {args.output}", file=sys.stderr)
         return 0
-    from bgert.runtime import load
+    from bgert.runtime import family, load
 
     providers = args.providers.split(",") if args.providers else None
     kw: dict[str, Any] = {"window_size": args.window_size} if args.window_size else {}
@@ -308,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
     if not hasattr(model, "encode"):
         raise ValueError(f"{args.artifact} holds a {model.manifest.kind}, which scores pairs: bgert encode needs an "
                          "embedder or M3 artifact")
-    m3 = model.manifest.kind == "m3"
+    m3 = "lexical_weights" in family(model.manifest.kind).outputs.values()  # BGE-M3 style outputs
     if (args.sparse or args.colbert) and not m3:
         raise ValueError("--sparse/--colbert need an M3 artifact")
     if args.resume and args.input == "-":

@@ -113,11 +113,11 @@ def encode_parquet(artifact: str, source: str, destination: str, *, address: str
     and its batches retried (Ray Data's defaults for actors). Returns the row count."""
     import ray
 
-    from bgert.runtime import read_manifest
+    from bgert.runtime import family, read_manifest
 
     if not ray.is_initialized():
         ray.init(address=None if address == "auto" else address, include_dashboard=False, log_to_driver=False)
-    m3 = read_manifest(artifact, verify=False).kind == "m3"
+    m3 = "lexical_weights" in family(read_manifest(artifact, verify=False).kind).outputs.values()  # BGE-M3 style
     threads = threads or 1
     kwargs: dict[str, Any] = {"artifact": artifact, "text_column": text_column, "queries": queries,
                               "intra_op_num_threads": threads, "precision": precision,
