@@ -119,6 +119,7 @@ def cli_run(art: str, work: str, n: int, max_length: int, threads: int) -> dict[
 
 def ray_vs_threads(art: str, n: int, max_length: int, rounds: int) -> dict[str, Any]:
     """Texts/s of 2 one-thread Ray actors against 2 ORT threads in-process, rounds alternating."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the local cluster binds loopback only
     import ray
 
     from bgert.integrations.ray import Embed

@@ -10,6 +10,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# a local Ray cluster binds the loopback address, not the machine's own interface (Ray reads this at import;
+# without it, ray.init(_node_ip_address="127.0.0.1") still resolves to the interface address)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest  # noqa: E402
 

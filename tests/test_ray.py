@@ -22,8 +22,8 @@ from test_windows import mixed_texts  # noqa: E402
 
 @pytest.fixture(scope="module")
 def cluster():
-    ctx = ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    print("ray cluster", ctx.address_info.get("gcs_address"))
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # loopback: see conftest.py
+    assert ctx.address_info["node_ip_address"] == "127.0.0.1", ctx.address_info
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ctx
     ray.shutdown()
