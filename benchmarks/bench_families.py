@@ -189,17 +189,27 @@ class EmbedderBench(BenchAdapter):
             return call, "sentence-transformers SentenceTransformer (fp32)"
         from FlagEmbedding import FlagModel
 
-        fm = FlagModel(src, pooling_method=self.manifest.section.pooling, use_fp16=False, devices="cpu",
-                       normalize_embeddings=m.normalize_embeddings,
-                       query_instruction_for_retrieval=m.query_instruction_for_retrieval,
-                       query_instruction_format=m.query_instruction_format,
-                       query_max_length=m.query_max_length, passage_max_length=m.passage_max_length)
+        fm = FlagModel(src, pooling_method=self.manifest.section.pooling, **self._flag_settings())
+        return self._flag_call(fm), "FlagEmbedding FlagModel (use_fp16=False)"
 
+    def _flag_settings(self) -> dict[str, Any]:
+        """The constructor arguments FlagModel, FlagLLMModel and FlagICLModel share: fp32 on the CPU, with
+        this model's normalisation, query instruction and lengths."""
+        m = self.model
+        return dict(use_fp16=False, devices="cpu", normalize_embeddings=m.normalize_embeddings,
+                    query_instruction_for_retrieval=m.query_instruction_for_retrieval,
+                    query_instruction_format=m.query_instruction_format,
+                    query_max_length=m.query_max_length, passage_max_length=m.passage_max_length)
+
+    @staticmethod
+    def _flag_call(ref: Any) -> Callable[[list[str], int, str], np.ndarray]:
+        """A FlagEmbedding embedder as the bench calls it: queries through encode_queries, the rest through
+        encode_corpus."""
         def call(items: list[str], bs: int, role: str) -> np.ndarray:
             with _quiet():
-                fn = fm.encode_queries if role == "query" else fm.encode_corpus
+                fn = ref.encode_queries if role == "query" else ref.encode_corpus
                 return fn(items, batch_size=bs)
-        return call, "FlagEmbedding FlagModel (use_fp16=False)"
+        return call
 
 
 class DecoderEmbedderBench(EmbedderBench):
@@ -221,19 +231,9 @@ class DecoderEmbedderBench(EmbedderBench):
             raise BenchError("decoder embedders are compared with FlagEmbedding (--reference flagembedding)")
         import FlagEmbedding
 
-        m = self.model
-        name = "FlagICLModel" if m.icl else "FlagLLMModel"
-        cls = getattr(FlagEmbedding, name)
-        ref = cls(src, use_fp16=False, devices="cpu", normalize_embeddings=m.normalize_embeddings,
-                  query_instruction_for_retrieval=m.query_instruction_for_retrieval,
-                  query_instruction_format=m.query_instruction_format,
-                  query_max_length=m.query_max_length, passage_max_length=m.passage_max_length)
-
-        def call(items: list[str], bs: int, role: str) -> np.ndarray:
-            with _quiet():
-                fn = ref.encode_queries if role == "query" else ref.encode_corpus
-                return fn(items, batch_size=bs)
-        return call, f"FlagEmbedding {name} (use_fp16=False)"
+        name = "FlagICLModel" if self.model.icl else "FlagLLMModel"
+        ref = getattr(FlagEmbedding, name)(src, **self._flag_settings())
+        return self._flag_call(ref), f"FlagEmbedding {name} (use_fp16=False)"
 
 
 class M3Bench(BenchAdapter):
