@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .backends import Backend, ProviderSpec, provider_names, resolve_providers, session_options
-from .batching import DEFAULT_TOKEN_BUDGET, Batch, check_buckets, pad, plan_batches
+from .batching import Batch, check_buckets, default_token_budget, pad, plan_batches
 from .cpu import cpu_flags
 from .iobinding import bucket_shapes
 from .manifest import ArtifactError, Graph, Manifest, read_manifest
@@ -167,7 +167,7 @@ class BgeModel(QueuedAPI):
                  providers: str | Sequence[ProviderSpec] | None = None,
                  intra_op_num_threads: int | None = None, inter_op_num_threads: int | None = None,
                  graph_optimization_level: str = "all", sess_options: Any = None,
-                 token_budget: int = DEFAULT_TOKEN_BUDGET, batch_size: int = 256,
+                 token_budget: int | None = None, batch_size: int = 256,
                  length_buckets: Sequence[int] | None = None, verify: bool | str = True,
                  backend: str = "ort", show_progress_bar: bool = False, window_size: int = DEFAULT_WINDOW_SIZE,
                  **backend_options: Any):
@@ -184,7 +184,6 @@ class BgeModel(QueuedAPI):
             raise ArtifactError(f"{self.manifest.tokenizer_file} is missing; re-export the artifact.")
         self.tokenizer = TextTokenizer(self.manifest.tokenizer_file, self.manifest.tokenizer_info)
         self.max_length = self.manifest.max_length
-        self.token_budget = int(token_budget)
         self.batch_size = int(batch_size)
         self.window_size = window_length(int(window_size), 1)  # items tokenised and run at once (runtime.windows)
         self.length_buckets = check_buckets(length_buckets or self.manifest.length_buckets, self.max_length)
@@ -216,8 +215,13 @@ class BgeModel(QueuedAPI):
             self.providers = []
         else:
             raise ValueError(f"backend must be 'ort', 'openvino' or 'triton', got {backend!r}")
-        if length_buckets is None and backend in ("ort", "openvino") and not self._on_gpu():
+        on_cpu = backend in ("ort", "openvino") and not self._on_gpu()
+        if length_buckets is None and on_cpu:
             self.length_buckets = cpu_buckets(self.max_length)
+        # padded tokens per batch: the caller's, else smaller on the CPU (bgert.runtime.batching.CPU_TOKEN_BUDGET)
+        self.token_budget = int(token_budget) if token_budget is not None else default_token_budget(on_cpu)
+        if self.token_budget < 1:
+            raise ValueError(f"token_budget must be >= 1, got {token_budget}")
         self.precision = self._choose_precision(precision)
 
     # ---- graph selection -------------------------------------------------------------------

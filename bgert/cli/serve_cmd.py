@@ -18,8 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="name of each artifact, once per artifact in order (default: its directory name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-tokens", type=int, default=16384,
-                   help="padded tokens per batch run at most (rows x length bucket; default 16384)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="padded tokens per batch run at most (rows x length bucket); the largest batch sets the "
+                        "peak memory (default: the model's token budget, 4096 on the CPU, 16384 on GPUs)")
     p.add_argument("--max-batch-requests", type=int, default=256, help="inputs per batch run at most (default 256)")
     p.add_argument("--max-client-batch-size", type=int, default=512,
                    help="inputs per HTTP request at most (default 512)")

@@ -71,7 +71,7 @@ def capabilities(model: Any) -> frozenset[str]:
 class ServerOptions:
     """Limits of ``bgert serve`` (flags of the same names)."""
 
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int | None = None  # None: each model's own token budget (smaller on the CPU)
     max_batch_requests: int = 256
     max_client_batch_size: int = 512
     max_request_bytes: int = 2_000_000
@@ -526,7 +526,8 @@ def create_app(state: ServerState) -> Any:
                            "endpoints": sorted(p for c in s.caps for p in CAPABILITY_ENDPOINTS.get(c, ())),
                            "parameters": sorted(s.caps & {"cutoff_layers", "prompt", "token_ids"})})
         first = models[0]
-        return _json({**first, "models": models, "max_batch_tokens": o.max_batch_tokens,
+        budgets = [s.model.token_budget for s in state.served if s.model is not None]  # the queues' default
+        return _json({**first, "models": models, "max_batch_tokens": o.max_batch_tokens or max(budgets, default=None),
                       "max_batch_requests": o.max_batch_requests, "max_client_batch_size": o.max_client_batch_size,
                       "max_concurrent_requests": o.max_queue_items, "version": _version(), "ready": state.ready.is_set()})
 
