@@ -2,33 +2,19 @@
 
 - ``reference/cli.md``: the ``--help`` of ``bgert`` and of every subcommand, from the argparse parsers;
 - ``results/``: every file of benchmarks/results (tables, JSON, plots) and an index of them, so pages can
-  link the file a figure comes from;
-- ``build/docs-api/bgert``: a copy of the package as it is installed (pyproject's package-dir puts
-  bgert.runtime in runtime/, bgert.export in export/...), for mkdocstrings to read the docstrings from.
+  link the file a figure comes from.
+
+(The source tree mkdocstrings reads the docstrings from is made earlier, by scripts/docs_hooks.py.)
 """
 from __future__ import annotations
 
 import os
-import shutil
-import tomllib
 from pathlib import Path
 
 import mkdocs_gen_files
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-API_SRC = ROOT / "build" / "docs-api"
-
-
-def api_source_tree() -> None:
-    """Copy each package of pyproject's package-dir to its import path (runtime/ -> bgert/runtime/).
-
-    A copy, not links: griffe does not walk into linked files and folders."""
-    package_dir = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    shutil.rmtree(API_SRC, ignore_errors=True)
-    for package, src in sorted(package_dir.items()):  # "bgert" before "bgert.runtime"
-        shutil.copytree(ROOT / src, API_SRC.joinpath(*package.split(".")), dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "data", "results", "envs"))
 
 
 def cli_page() -> str:
@@ -73,7 +59,6 @@ def results_pages() -> None:
         f.write("\n".join(index))
 
 
-api_source_tree()
 with mkdocs_gen_files.open("reference/cli.md", "w") as f:
     f.write(cli_page())
 results_pages()
