@@ -12,12 +12,19 @@ import sys
 import threading
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser
     p.add_argument("artifacts", nargs="+", metavar="ART", help="artifact directories (from `bgert export`)")
     p.add_argument("--name", action="append", default=[], metavar="NAME",
                    help="name of each artifact, once per artifact in order (default: its directory name)")
+    p = parser.add_argument_group("server")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--api-key", default=os.environ.get("BGERT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $BGERT_API_KEY, else none)")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
+    p = parser.add_argument_group("batching and limits")
     p.add_argument("--max-batch-tokens", type=int, default=16384,
                    help="padded tokens per batch run at most (rows x length bucket; default 16384)")
     p.add_argument("--max-batch-requests", type=int, default=256, help="inputs per batch run at most (default 256)")
@@ -27,13 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="request body size at most (default 2,000,000)")
     p.add_argument("--max-queue-items", type=int, default=10_000,
                    help="inputs waiting per model at most; past it requests get 429 (default 10,000)")
-    p.add_argument("--api-key", default=os.environ.get("BGERT_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $BGERT_API_KEY, else none)")
+    p = parser.add_argument_group("models")
     p.add_argument("--precision", default=None, help="graph precision (default: the best that passed its gate)")
     p.add_argument("--providers", default=None, help="ORT execution providers, e.g. cuda or cpu")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads per model (default: ORT's)")
     p.add_argument("--tokenizer-workers", type=int, default=None, help="tokenising threads per model (default: 4)")
-    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def run(args: argparse.Namespace) -> int:
