@@ -394,6 +394,8 @@ def create_app(state: ServerState) -> Any:
     def served(request: Request, name: str | None, need: str | None) -> Served:
         known = name is None or any(x.name == name for x in state.served)
         request.state.model = (name or state.served[0].name) if known else "-"
+        if state.tracing is not None:
+            state.tracing.annotate(model=request.state.model)
         return state.find(name, need, request.url.path)
 
     async def run(s: Served, method: str, *args: Any, truncate: Truncation = Truncation(),
