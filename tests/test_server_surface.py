@@ -388,10 +388,11 @@ def test_otlp_spans_of_a_request(strict, collector):
     with httpx.Client(base_url=strict.url, timeout=60) as c:
         assert c.get("/health").status_code == 200
         r = c.post("/v1/embeddings", json={"model": "bge", "input": DOCS[:3]})
+        assert c.post("/v1/embeddings", json={"model": "bge", "input": LONG}).status_code == 413
     assert r.status_code == 200
     tokens = r.json()["usage"]["prompt_tokens"]
     service, root = collector.wait_for("POST /v1/embeddings", 200)
-    _, refused = collector.wait_for("POST /v1/embeddings", 413)  # test_no_auto_truncate's, refused
+    _, refused = collector.wait_for("POST /v1/embeddings", 413)  # refused spans name their model too
     assert {a.key: a.value.string_value for a in refused.attributes}["bgert.model"] == "bge"
     assert service == "bgert-test"
     attrs = {a.key: a.value for a in root.attributes}
@@ -540,3 +541,17 @@ def test_malformed_json_on_v2(client, path):
 def test_server_still_answers(client, local):
     r = client.post("/v2/embed", json={"model": "bge", "texts": ["still alive"]})
     assert r.status_code == 200 and close(r.json()["embeddings"]["float"], local["bge"].encode_corpus(["still alive"]))
+
+
+def test_tracing_off_imports_no_sdk(tiny_bge_art):
+    """Without an endpoint, tracing is off and neither the OpenTelemetry SDK nor its exporter is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from bgert.server import app as A; "
+            f"s = A.ServerState([A.Served('bge', {tiny_bge_art!r})], A.ServerOptions()); A.create_app(s); "
+            "print(s.tracing, sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk', "
+            "'opentelemetry.exporter'))))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["None", "[]"], out.stdout + out.stderr
