@@ -36,10 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                "('' for none; default: the BGE model card's for bge-*-en/zh)")
     p.add_argument("--heads", type=_csv, help="m3: outputs to export, e.g. dense,sparse,colbert")
     p.add_argument("--cutoff-layers", type=_ints, help="layerwise rerankers: e.g. 8,16,28")
+    p.add_argument("--matryoshka-dims", type=_ints, metavar="DIMS",
+                   help="embedders trained with a Matryoshka loss: the dimensions vectors may be cut to, e.g. "
+                        "768,512,256,128,64 (bgert serve's `dimensions`; default: not Matryoshka, no cutting)")
     q = parser.add_argument_group("int8 calibration and recipe")
     q.add_argument("--calibration", metavar="FILE",
                    help="calibration text: .jsonl with title/text fields or .txt, one text per line "
-                        "(default: the bundled SciFact documents)")
+                        "(default: the bundled SciFact documents); embedders: also the int8 output ranges")
     q.add_argument("--calibration-size", type=int, help="calibration texts used (default 32)")
     q.add_argument("--calibration-method", choices=["minmax", "percentile"],
                    help="int8-static activation ranges (default minmax)")
@@ -56,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = {"normalize": False if args.no_normalize else None, "query_instruction": args.query_instruction,
                "heads": args.heads, "cutoff_layers": args.cutoff_layers, "keep_failed": args.keep_failed,
+               "matryoshka_dims": args.matryoshka_dims,
                "calibration": args.calibration, "calibration_size": args.calibration_size,
                "calibration_method": args.calibration_method, "calibration_percentile": args.calibration_percentile,
                "int8_fp32_nodes": args.int8_fp32_nodes, "static_activations": args.static_activations}
