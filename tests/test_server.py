@@ -38,9 +38,14 @@ LIGHTWEIGHT = os.path.join(os.path.dirname(__file__), "data", "lightweight_artif
 
 
 def _art(ckpt: str, out: str, **options) -> str:
+    """The family test's artifact at ``out`` where this session made it already, else a fresh export beside it
+    (``serve-<name>``: never at the family test's path, which its own fixture exports to later)."""
     from bgert.export import export
 
-    return out if os.path.isdir(out) else export(ckpt, out, progress=False, **options)
+    if os.path.isdir(out):
+        return out
+    mine = os.path.join(os.path.dirname(out), "serve-" + os.path.basename(out))
+    return mine if os.path.isdir(mine) else export(ckpt, mine, progress=False, **options)
 
 
 @pytest.fixture(scope="module")
