@@ -174,6 +174,7 @@ class BgeModel(QueuedAPI):
         self.model_dir = os.fspath(model_dir)
         _drop_reference_only_options(backend_options)
         self.manifest: Manifest = read_manifest(self.model_dir, verify=verify, section=False)
+        self._verified = verify is not False  # the graphs are the files the manifest's sha256 name
         if self.manifest.kind not in served_kinds(type(self)):
             raise ArtifactError(
                 f"{self.model_dir} holds a {self.manifest.kind!r} model, which {type(self).__name__} "
@@ -182,7 +183,8 @@ class BgeModel(QueuedAPI):
         self.manifest.section  # noqa: B018 (the kind's typed manifest section, checked now)
         if not os.path.isfile(self.manifest.tokenizer_file):
             raise ArtifactError(f"{self.manifest.tokenizer_file} is missing; re-export the artifact.")
-        self.tokenizer = TextTokenizer(self.manifest.tokenizer_file, self.manifest.tokenizer_info)
+        self.tokenizer = TextTokenizer(self.manifest.tokenizer_file, self.manifest.tokenizer_info,
+                                       max_length=self.manifest.max_length)
         self.max_length = self.manifest.max_length
         self.batch_size = int(batch_size)
         self.window_size = window_length(int(window_size), 1)  # items tokenised and run at once (runtime.windows)
@@ -288,8 +290,11 @@ class BgeModel(QueuedAPI):
                                    **self._backend_options)
         opts = session_options(intra, inter, level, base)
         shapes = bucket_shapes(self.length_buckets, self.token_budget, self.batch_size)
+        options = dict(self._backend_options)
+        if base is not None or not self._verified:  # the caller's SessionOptions may change the graph in ways
+            options.setdefault("session_cache", False)  # a key cannot see; unverified files may not be the hashed ones
         return make_ort_backend(self.manifest.path(graph.file), self.manifest, graph, self.providers, opts, shapes,
-                                **self._backend_options)
+                                **options)
 
     # ---- batched execution ------------------------------------------------------------------
     def _plan_batches(self, lengths: Sequence[int], batch_size: int, multiple_of: int = 1) -> list[Batch]:

@@ -3,8 +3,10 @@
 Provider options derived from the artifact (TensorRT precision flags, caches and shape profiles;
 CUDA TF32 off for fp32 graphs, CUDA graphs when asked) are merged under the caller's own options,
 and GPU providers run through the IO-binding backend (bgert.runtime.iobinding) unless
-``io_binding=False``. ``arena`` sets ORT's CPU memory arena (ARENA_MODES in bgert.runtime.providers).
-This module sits above providers, backends, iobinding and tensorrt, which never import it.
+``io_binding=False``. ``arena`` sets ORT's CPU memory arena (ARENA_MODES in bgert.runtime.providers);
+CPU sessions load the graph's optimised, memory-mapped copy (bgert.runtime.session_cache) unless
+``session_cache=False``. This module sits above providers, backends, iobinding, session_cache and
+tensorrt, which never import it.
 """
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ from typing import Any, Mapping, Sequence
 
 import onnxruntime as ort
 
-from . import iobinding, tensorrt
+from . import iobinding, session_cache as graph_cache, tensorrt
 from .backends import OrtBackend
-from .providers import (CUDA, GPU_PROVIDERS, TENSORRT, ProviderError, ProviderSpec, cuda_options,
+from .providers import (CPU, CUDA, GPU_PROVIDERS, TENSORRT, ProviderError, ProviderSpec, cuda_options,
                         preload_gpu_libraries, provider_names, provider_options)
 
 
@@ -34,13 +36,15 @@ def make_ort_backend(path: str, manifest: Any, graph: Any, providers: Sequence[P
                      sess_options: ort.SessionOptions, shapes: Mapping[int, int], *,
                      io_binding: bool | None = None, cuda_graph: bool = False,
                      tensorrt_cache_dir: str | None = None, tensorrt_profiles: str = "single",
-                     arena: str = "on") -> Any:
+                     arena: str = "on", session_cache: bool | None = None) -> Any:
     """The ORT backend for ``graph`` of ``manifest``: OrtBackend, or IoBindingBackend on GPUs.
 
     ``shapes`` maps each padded length (bucket) to the most rows a batch of it holds; it sizes
     the IO-binding buffers and the TensorRT profiles. ``io_binding=None`` means: on for CUDA and
     TensorRT, off for CPU. The caller's own provider options always win over derived ones.
     ``arena``: ORT's CPU memory arena, one of ARENA_MODES ("shrink" only without IO binding).
+    ``session_cache``: load CPU-only sessions from the optimised-graph cache (None: unless
+    ``BGERT_SESSION_CACHE=0``; the caller sets False for SessionOptions of its own).
     """
     names = provider_names(providers)
     on_gpu = any(p in GPU_PROVIDERS for p in names)
@@ -72,5 +76,12 @@ def make_ort_backend(path: str, manifest: Any, graph: Any, providers: Sequence[P
         if cuda_graph:
             raise ProviderError("cuda_graph=True needs IO binding (fixed input/output addresses); "
                                 "drop io_binding=False.")
+        if names == [CPU] and graph_cache.enabled(session_cache):
+            cached = graph_cache.cached_graph(path, manifest, graph.file, sess_options)
+            if cached != path:
+                try:
+                    return OrtBackend(cached, full, sess_options, run_options)
+                except RuntimeError as e:  # a copy ORT cannot read back: the artifact's own graph, from now on
+                    graph_cache.refuse(cached, e)
         return OrtBackend(path, full, sess_options, run_options)
     return iobinding.IoBindingBackend(path, full, sess_options, shapes=shapes, cuda_graph=cuda_graph, device_id=device_id)

@@ -29,7 +29,7 @@ GPU_PROVIDERS = (TENSORRT, CUDA)
 ALIASES = {"cpu": CPU, "cuda": CUDA, "gpu": CUDA, "tensorrt": TENSORRT, "trt": TENSORRT}
 AUTO_ORDER = (TENSORRT, CUDA, CPU)
 #: keyword arguments of the runtime classes that configure the ORT backend (see bgert.runtime.ort_backend)
-ORT_BACKEND_OPTIONS = ("io_binding", "cuda_graph", "tensorrt_cache_dir", "tensorrt_profiles", "arena")
+ORT_BACKEND_OPTIONS = ("io_binding", "cuda_graph", "tensorrt_cache_dir", "tensorrt_profiles", "arena", "session_cache")
 #: ``arena=`` of the runtime classes: ORT's CPU memory arena. "on" (ORT's default): activation buffers come
 #: from an arena that grows to the largest batch's needs and keeps them, so a process stays at its peak RSS;
 #: "shrink": the same arena, but the chunks no run holds go back to the OS after every run (the idle RSS falls
