@@ -31,7 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' (default: $BGERT_API_KEY, else none)")
     p.add_argument("--precision", default=None, help="graph precision (default: the best that passed its gate)")
     p.add_argument("--providers", default=None, help="ORT execution providers, e.g. cuda or cpu")
-    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads per model (default: ORT's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads per lane (default on the CPU: usable cores / lanes)")
+    p.add_argument("--lanes", type=int, default=None,
+                   help="workers running batches side by side per model, sharing its session (default on the "
+                        "CPU: one single-threaded lane per usable core, or cores / --threads; GPU: 1)")
+    p.add_argument("--max-batch-wait-ms", type=float, default=0.0,
+                   help="how long the oldest request may wait for its batch to fill (default 0: batches fill "
+                        "while the previous one runs)")
     p.add_argument("--tokenizer-workers", type=int, default=None, help="tokenising threads per model (default: 4)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
 
@@ -55,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     options = ServerOptions(max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
                             max_client_batch_size=args.max_client_batch_size,
                             max_request_bytes=args.max_request_bytes, max_queue_items=args.max_queue_items,
-                            api_key=args.api_key or None, tokenizer_workers=args.tokenizer_workers)
+                            api_key=args.api_key or None, tokenizer_workers=args.tokenizer_workers,
+                            lanes=args.lanes, max_wait_ms=args.max_batch_wait_ms)
     load_kwargs = {k: v for k, v in (("precision", args.precision), ("providers", args.providers),
                                      ("intra_op_num_threads", args.threads)) if v is not None}
     state = ServerState([Served(n, a) for n, a in zip(names, args.artifacts)], options, load_kwargs)
