@@ -32,10 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=None, help="graph precision (default: the best that passed its gate)")
     p.add_argument("--providers", default=None, help="ORT execution providers, e.g. cuda or cpu")
     p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads per lane (default on the CPU: usable cores / lanes)")
+                   help="intra-op threads per lane (default: ORT's with one lane, cores / --lanes with more)")
     p.add_argument("--lanes", type=int, default=None,
-                   help="workers running batches side by side per model, sharing its session (default on the "
-                        "CPU: one single-threaded lane per usable core, or cores / --threads; GPU: 1)")
+                   help="workers running batches side by side per model, sharing its session (default 1; "
+                        "on the CPU each lane gets cores / N threads unless --threads says)")
     p.add_argument("--max-batch-wait-ms", type=float, default=0.0,
                    help="how long the oldest request may wait for its batch to fill (default 0: batches fill "
                         "while the previous one runs)")

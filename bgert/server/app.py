@@ -119,21 +119,17 @@ def usable_cores() -> int:
 def lane_plan(load_kwargs: dict[str, Any], lanes: int | None) -> tuple[int, dict[str, Any]]:
     """How many lanes (queue workers) a model gets and the load arguments that go with them.
 
-    On the CPU the default is one single-threaded lane per usable core, sharing one session: measured on
-    a 2-core Xeon with all-MiniLM-L6-v2 at 64 clients, 2 lanes x 1 thread served 1.1x the queries/s of
-    1 lane x 2 threads (whose second ORT thread spins while the worker pads and hands rows back), at
-    the cost of a slower lone request (one core per run). ``--threads T`` alone gives cores // T lanes of T
-    threads; ``--lanes N`` alone gives each lane cores // N threads. GPUs and Triton get one lane.
+    Default: one lane on all the cores (ORT's own thread count). Measured on a 2-core Xeon with
+    all-MiniLM-L6-v2 in one run (benchmarks/results/serve_bench_queries_lanes2.md), two single-threaded
+    lanes served 1.05x / 1.02x the queries/s of one lane at 16 / 64 clients but answered a lone client in
+    10.0 ms instead of 5.8 (p50): a run on one core is slower, and the spare core had little to do. On
+    the CPU, ``--lanes N`` gives each lane cores // N threads unless ``--threads`` says; GPUs and Triton get
+    the lanes asked for (default 1).
     """
     kw = dict(load_kwargs)
-    if not _on_cpu(kw):
-        return lanes or 1, kw
-    cores = usable_cores()
-    threads = kw.get("intra_op_num_threads")
-    if lanes is None:
-        lanes = max(1, cores // int(threads)) if threads else cores
-    if threads is None:
-        kw["intra_op_num_threads"] = max(1, cores // lanes)
+    lanes = lanes or 1
+    if lanes > 1 and kw.get("intra_op_num_threads") is None and _on_cpu(kw):
+        kw["intra_op_num_threads"] = max(1, usable_cores() // lanes)
     return lanes, kw
 
 
