@@ -19,10 +19,12 @@ The ceiling: offline ``Embedder.encode(texts, batch_size=32)`` of the same pools
 artifact in a process of its own (before and after the server cells), and the in-process latency of
 one query. Since a server's batch holds at most one query per client, in the order they come, the
 queries also get the in-process rate of the batch shapes a server meets: length-sorted batches of 16,
-and calls of 8, 16 or 32 random queries run as the queue runs a batch. Results: JSON + Markdown + PNG (items/s and p99 against clients) in benchmarks/results.
+and calls of 8, 16 or 32 random queries run as the queue runs a batch. Results: JSON + Markdown + PNG
+(items/s and p99 against clients) in benchmarks/results.
 
-``--request-truncate`` sends bgert's per-request ``truncate: true`` (OpenAI route) so that documents
-over the model's max length are cut rather than refused where the server's default refuses them.
+``bgert serve`` truncates over-long documents by default (``--auto-truncate``); ``--request-truncate``
+also sends the per-request ``truncate: true`` (for a server run with ``--no-auto-truncate``, or an older
+bgert that refused them by default).
 """
 from __future__ import annotations
 
@@ -502,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also serve with this interpreter's bgert (another checkout's venv) as bgert-before")
     p.add_argument("--bgert-python", action="append", default=[], metavar="NAME=PYTHON",
                    help="also serve with this interpreter's bgert as server NAME (bgert-NAME), for A/B runs")
+    p.add_argument("--bgert-flags", action="append", default=[], metavar="NAME=FLAGS",
+                   help="also serve this checkout's bgert with these extra flags as bgert-NAME, e.g. "
+                        "'lanes2=--lanes 2', for A/B runs of flags")
     p.add_argument("--make-infinity-env", action="store_true", help=f"install infinity-emb into {INFINITY_ENV}")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--name", default="serve_bench")
@@ -513,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     others = dict(("bgert-" + n, py) for n, py in (x.split("=", 1) for x in args.bgert_python))
     if args.baseline_python:
         others["bgert-before"] = args.baseline_python
+    flags = {"bgert-" + n: f.split() for n, f in (x.split("=", 1) for x in args.bgert_flags)}
+    others.update({k: None for k in flags})
     wanted = [s for s in args.servers.split(",") if s and (s != "bgert-before" or args.baseline_python)] + [
         k for k in others if k != "bgert-before"]
     shapes = [s for s in args.shapes.split(",") if s] if not args.soak else ["single"]
@@ -547,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             missing[kind] = f"no infinity-emb env at {INFINITY_ENV}; run with --make-infinity-env"
             continue
         if kind.startswith("bgert"):
-            s = start_bgert(art, args.serve_args.split(), work, threads, others.get(kind), kind)
+            s = start_bgert(art, args.serve_args.split() + flags.get(kind, []), work, threads, others.get(kind), kind)
         else:
             s = start_infinity(kind.split("-", 1)[1], inf_ckpt, other_threads, work)
         if wait_ready(s):
