@@ -560,6 +560,9 @@ def md_cold(result: dict[str, Any]) -> str:
 
 #: the ``--target`` runs: the runtime before this work and its defaults now
 TARGETS = {"before": BEFORE, "after": variant()}
+#: the ``--speed-variants`` names (the first is the baseline of the ratios)
+SPEED_VARIANTS = {"before": BEFORE, "default": variant(), "2048": variant(2048), "shrink": variant(None, "shrink"),
+                  "nocache": variant(None, cache=False)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -573,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                    "invocation keeps a locked run short (20k items take ~14 min on 2 cores)")
     p.add_argument("--rounds", type=int, default=3, help="speed: rounds")
     p.add_argument("--speed-seconds", type=float, default=6.0)
+    p.add_argument("--speed-variants", default=",".join(SPEED_VARIANTS),
+                   help=f"speed: variants, of {', '.join(SPEED_VARIANTS)}; the first is the baseline")
     p.add_argument("--cli-items", type=int, default=5000)
     p.add_argument("--cli-settings", default="before,default", help=f"cli: runs, of {', '.join(SETTINGS)}")
     p.add_argument("--serve-settings", default="before,default,shrink", help="serve: runs, of the same")
@@ -615,8 +620,8 @@ def main(argv: list[str] | None = None) -> int:
             result["rows"] = part_memory(art, [TARGETS[t] for t in runs], args.items)
             name = "target" if runs == list(TARGETS) else "target_" + "_".join(runs)
         elif part == "speed":
-            vs = [BEFORE, variant(), variant(2048), variant(None, "shrink"), variant(None, cache=False)]
-            result["speed"] = part_speed(art, vs, args.rounds, args.speed_seconds)
+            result["speed"] = part_speed(art, [SPEED_VARIANTS[n] for n in args.speed_variants.split(",")],
+                                         args.rounds, args.speed_seconds)
         elif part == "cli":
             result["cli"] = part_cli(art, args.work, args.cli_items, args.cli_settings.split(","))
         elif part == "serve":
