@@ -199,7 +199,7 @@ class BgeModel(QueuedAPI):
         self.backend_name = backend
         self._backend_options = backend_options
         self._lock = threading.Lock()
-        self._backends: dict[str, Backend] = {}
+        self._backends: dict[tuple[str, str], Backend] = {}
         if backend == "ort":
             self.providers = resolve_providers(providers)
             check_backend_options(backend_options)  # io_binding, cuda_graph, tensorrt_* (bgert.runtime.providers)
@@ -260,15 +260,22 @@ class BgeModel(QueuedAPI):
                 return g
         raise ArtifactError(f"{self.model_dir}: no {self.precision} graph with {match}")
 
+    def _graph_of(self, file: str) -> Graph:
+        """The chosen precision's graph entry of ``file``: two entries may name one file (``bf16`` reads the
+        fp32 graph with OpenVINO's bf16 hint), and the entry, not the file, says how it runs."""
+        same = [g for g in self.manifest.graphs if g.file == file]
+        return next((g for g in same if g.precision == self.precision), same[0])
+
     def backend_for(self, graph: Graph) -> Backend:
         """The backend running ``graph``, created once (thread-safe)."""
-        be = self._backends.get(graph.file)
+        key = (graph.file, graph.precision)
+        be = self._backends.get(key)
         if be is None:
             with self._lock:
-                be = self._backends.get(graph.file)
+                be = self._backends.get(key)
                 if be is None:
                     be = self._make_backend(graph)
-                    self._backends[graph.file] = be
+                    self._backends[key] = be
         return be
 
     def _make_backend(self, graph: Graph) -> Backend:
@@ -357,7 +364,7 @@ class BgeModel(QueuedAPI):
 
     def run_items(self, job: Job, items: Sequence[Item], batch_size: int | None = None) -> list[Any]:
         """One row per pre-tokenised item (``_rows``), in order, run in token-budget batches."""
-        graph = next(g for g in self.manifest.graphs if g.file == job.graph)
+        graph = self._graph_of(job.graph)
         seqs = [it.ids for it in items]
         names = sorted({k for it in items for k in (it.extra or {})})
         side = job.padding_side or self.tokenizer.padding_side
