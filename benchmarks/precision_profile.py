@@ -43,7 +43,10 @@ def _session(path: str, threads: int, profile: str | None = None) -> Any:
     so.log_severity_level = 3
     if profile:
         so.enable_profiling, so.profile_file_prefix = True, profile
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    from bgert.runtime.ort_backend import CPU_DISABLED_OPTIMIZERS  # as the runtime's CPU sessions run
+
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS))
 
 
 def gemm_graph(kind: str, k: int, n: int, path: str) -> None:

@@ -14,6 +14,15 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in _csv(s)]
 
 
+def _fp32_nodes(s: str) -> float | str:
+    if s.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, a fraction < 1 or a count, got {s!r}") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="local checkpoint directory (or a hub id when the network allows)")
     p.add_argument("--out", "-o", required=True, help="artifact directory to write")
@@ -40,9 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--calibration-method", choices=["minmax", "percentile"],
                    help="int8-static activation ranges (default minmax)")
     q.add_argument("--calibration-percentile", type=float, help="for --calibration-method percentile (99.99)")
-    q.add_argument("--int8-fp32-nodes", type=float,
-                   help="quantizable MatMuls kept fp32, largest int8 error first: a fraction < 1 or a count "
-                        "(default 0.25)")
+    q.add_argument("--int8-fp32-nodes", type=_fp32_nodes,
+                   help="quantizable MatMuls kept fp32, largest int8 error first: a fraction < 1, a count, or auto "
+                        "(default: the fewest of 0, 5%%, 10%%, 25%% that holds the gate on the calibration text)")
     q.add_argument("--static-activations", choices=["uint8", "int8"],
                    help="int8-static activation type; int8 (symmetric) is what TensorRT takes")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
