@@ -97,6 +97,25 @@ def default_precision(manifest: Manifest, on_gpu: bool, backend: str = "ort",
     return next((p for p in (*prefs, *manifest.precisions()) if p in passed), None)
 
 
+def tune_candidates(m: Manifest) -> list[tuple[str, str]]:
+    """(backend, precision) pairs worth timing here: gated, runnable on this CPU and backend; the likely
+    fastest first (the fixed orders), so a measurement cut short by its budget keeps them."""
+    from .openvino_backend import openvino_available
+
+    order = {p: i for i, p in enumerate(CPU_PREFERENCE)}
+    ov_order = {p: i for i, p in enumerate(OPENVINO_PREFERENCE)}
+    backends = ["ort"] + (["openvino"] if openvino_available() else [])
+    out = []
+    for b in backends:
+        for p in sorted(m.precisions(), key=lambda p: (order if b == "ort" else ov_order).get(p, 99)):
+            graphs = [g for g in m.graphs if g.precision == p]
+            if p == "fp16" or not all(g.gate_passed and graph_runs_well_here(g) for g in graphs):
+                continue  # fp16 is a GPU graph; a failed or unmeasured gate is never a default
+            if all(graph_backend(g) in (b, "any") for g in graphs) and (b == "ort" or p in ov_order):
+                out.append((b, p))
+    return out
+
+
 #: on the CPU provider a batch costs what its padded tokens cost, whatever its shape: batches are padded
 #: only to a multiple of this (the manifest's power-of-two buckets serve GPU engines and CUDA graphs)
 CPU_PAD_MULTIPLE = 8
@@ -169,7 +188,7 @@ class BgeModel(QueuedAPI):
                  graph_optimization_level: str = "all", sess_options: Any = None,
                  token_budget: int = DEFAULT_TOKEN_BUDGET, batch_size: int = 256,
                  length_buckets: Sequence[int] | None = None, verify: bool | str = True,
-                 backend: str = "ort", show_progress_bar: bool = False, window_size: int = DEFAULT_WINDOW_SIZE,
+                 backend: str | None = None, show_progress_bar: bool = False, window_size: int = DEFAULT_WINDOW_SIZE,
                  **backend_options: Any):
         self.model_dir = os.fspath(model_dir)
         _drop_reference_only_options(backend_options)
@@ -189,13 +208,9 @@ class BgeModel(QueuedAPI):
         self.window_size = window_length(int(window_size), 1)  # items tokenised and run at once (runtime.windows)
         self.length_buckets = check_buckets(length_buckets or self.manifest.length_buckets, self.max_length)
         self.show_progress_bar = show_progress_bar
-        self.tuning = None
-        if backend == "auto":  # the fastest variant measured here (bgert tune), else ORT
-            from .tuning import fastest, read_tuning
-
-            self.tuning = read_tuning(self.model_dir, intra_op_num_threads)
-            best = fastest(self.tuning, None, [precision] if precision else self.manifest.precisions())
-            backend = best["backend"] if best else "ort"
+        self.tuning: dict[str, Any] | None = None
+        backend, precision, self.chosen_by = self._choose_variant(backend, precision, providers, intra_op_num_threads,
+                                                                  backend_options)
         self.backend_name = backend
         self._backend_options = backend_options
         self._lock = threading.Lock()
@@ -221,6 +236,52 @@ class BgeModel(QueuedAPI):
         self.precision = self._choose_precision(precision)
 
     # ---- graph selection -------------------------------------------------------------------
+    def _choose_variant(self, backend: str | None, precision: str | None, providers: Any, threads: int | None,
+                        backend_options: Mapping[str, Any]) -> tuple[str, str | None, str]:
+        """(backend, precision or None for the backend's default, how it was chosen).
+
+        What the caller names wins; then BGERT_VARIANT; then, on the CPU, the fastest gated variant measured on
+        this machine (bgert.runtime.autotune.measure_once: the first default load measures, once per artifact
+        and machine); else ORT and the fixed order. ``backend=None`` (or ``"auto"``) lets the measurement pick
+        the backend too, unless ORT-only arguments (providers, ORT options) or a precision that only one
+        backend runs (bf16, ov-int8: OpenVINO) settle it.
+        """
+        from .openvino_backend import OPENVINO_BACKEND_OPTIONS
+        from .tuning import fastest, variant_override
+
+        env_backend, env_precision = (None, None) if precision else variant_override()
+        on_gpu = backend in (None, "auto", "ort") and any(
+            p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in provider_names(
+                resolve_providers(providers)))
+        if backend not in (None, "auto"):
+            if env_precision and env_backend not in (None, backend):
+                log.warning("bgert: BGERT_VARIANT=%s:%s ignored: this load asks for backend=%r", env_backend,
+                            env_precision, backend)
+                env_backend = env_precision = None
+        else:
+            named = {graph_backend(g) for g in self.manifest.graphs if g.precision == (precision or env_precision)}
+            backend = (sorted(named - {"any"})[0] if named - {"any"} else env_backend if env_backend
+                       else "ort" if on_gpu or providers not in (None, "auto") or (
+                           backend_options and not set(backend_options) & set(OPENVINO_BACKEND_OPTIONS))
+                       else "openvino" if backend_options else None)
+        if precision:
+            return backend or "ort", precision, "asked"
+        if env_precision:
+            return backend or "ort", env_precision, "BGERT_VARIANT"
+        if backend in (None, "ort", "openvino") and not on_gpu:
+            from .tuning import measure_once
+
+            self.tuning = measure_once(self.model_dir, threads, lambda: tune_candidates(self.manifest))
+        if backend is None:
+            runnable = [p for p in self.manifest.precisions() if all(
+                g.gate_passed and graph_runs_well_here(g) for g in self.manifest.graphs if g.precision == p)]
+            best = fastest(self.tuning, None, runnable)
+            backend = best["backend"] if best else "ort"
+        measured = fastest(self.tuning, backend, self.manifest.precisions())
+        how = (f"measured here ({self.tuning.get('how', 'bgert tune')}, {self.tuning.get('measured_at')})"
+               if measured else "fixed order (nothing measured here)")
+        return backend, None, how
+
     def _on_gpu(self) -> bool:
         return any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in provider_names(self.providers))
 
@@ -244,10 +305,6 @@ class BgeModel(QueuedAPI):
                 log.warning("bgert: precision %s needs int8 dot products without saturation (VNNI/AMX); this CPU "
                             "lacks them and its results will be less accurate. Use precision='int8'.", precision)
             return precision
-        if self.tuning is None and self.backend_name in ("ort", "openvino") and not self._on_gpu():
-            from .tuning import read_tuning
-
-            self.tuning = read_tuning(self.model_dir, self._sess_options[0])
         chosen = default_precision(self.manifest, self._on_gpu(), self.backend_name, self.tuning)
         if chosen is None:
             raise ArtifactError(f"{self.model_dir}: no graph passed its quality gate; re-export the artifact.")
@@ -394,4 +451,4 @@ class BgeModel(QueuedAPI):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.model_dir!r}, kind={self.manifest.kind}, precision={self.precision}, "
-                f"backend={self.backend_name}, providers={provider_names(self.providers)})")
+                f"backend={self.backend_name}, providers={provider_names(self.providers)}, chosen_by={self.chosen_by!r})")

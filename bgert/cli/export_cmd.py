@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the fewest of 0, 5%%, 10%%, 25%% that holds the gate on the calibration text)")
     q.add_argument("--static-activations", choices=["uint8", "int8"],
                    help="int8-static activation type; int8 (symmetric) is what TensorRT takes")
+    p.add_argument("--no-tune", action="store_true",
+                   help="do not measure which variant is fastest on this machine after the export (BGERT_TUNE=off "
+                        "does the same; the first default load would measure it then)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
@@ -69,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
                  opset=args.opset, optimize_graph=not args.no_optimize, precisions=args.precision,
                  progress=not args.quiet, **{k: v for k, v in options.items() if v is not None})
     from bgert.cli.info_cmd import describe
+    from bgert.runtime.base import tune_candidates
+    from bgert.runtime.manifest import read_manifest
+    from bgert.runtime.tuning import measure_once, tune_mode
 
+    if not args.no_tune and tune_mode() == "auto":  # what the first default load here would measure, done now
+        measure_once(out, None, lambda: tune_candidates(read_manifest(out, verify=False)))
     print(describe(out))
     return 0
