@@ -22,6 +22,7 @@ from bgert.runtime.manifest import default_buckets, list_files, sha256_file, wri
 from .detect import detect
 from .errors import ExportError
 from .onnx_io import DEFAULT_OPSET, export_onnx, optimize
+from .output_fields import output_fields
 from .specs import spec_for
 
 log = logging.getLogger("bgert.export")
@@ -167,6 +168,7 @@ def export(src: str, out: str, *, kind: str = "auto", max_length: int | None = N
             g["quality"] = parity
             g["gate_passed"] = True
         raw["parity"] = {"fp32": parity}
+        raw.update(output_fields(tmp, info.kind, raw.get("dim"), options))
         for precision in precisions[1:]:
             from .precision import add_variant  # only needed for fp16/int8 variants
 

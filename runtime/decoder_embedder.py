@@ -111,7 +111,7 @@ class DecoderEmbedder(Embedder):
         return text
 
     def icl_sequences(self, queries: list[str], max_length: int, examples: Sequence[Example] | None,
-                      instruction: str | None) -> list[list[int]]:
+                      instruction: str | None, truncation_side: str = "right") -> list[list[int]]:
         """Token ids of each query as FlagICLModel.encode_queries_single_device builds them."""
         prefix = self.prefix(examples, instruction)
         count = lambda s: len(self.tokenizer.encode([s], add_special_tokens=False)[0])  # noqa: E731
@@ -121,7 +121,7 @@ class DecoderEmbedder(Embedder):
                              "use a larger max_length.")
         full_max = (count(prefix) + count(self.suffix) + max_length + 8) // 8 * 8 + 8
         texts = with_instruction(instruction, self.query_instruction_format, queries)
-        cut = self.tokenizer.encode(texts, budget, add_special_tokens=False)
+        cut = self.tokenizer.encode_checked(texts, budget, add_special_tokens=False, side=truncation_side, warn=False)[0]
         return self.tokenizer.encode([prefix + self._decode(ids) + self.suffix for ids in cut], full_max)
 
     @windowed(check_texts)
@@ -129,9 +129,11 @@ class DecoderEmbedder(Embedder):
     def encode_queries(self, queries: str | Sequence[str], batch_size: int | None = None,
                        max_length: int | None = None, convert_to_numpy: bool = True, *,
                        instruction: str | None = None, examples: Sequence[Example] | None = None,
-                       normalize_embeddings: bool | None = None, **reference_only: Any) -> Request:
+                       normalize_embeddings: bool | None = None, truncation_side: str = "right",
+                       **reference_only: Any) -> Request:
         """Embed queries with the instruction (per call, else the constructor's) and, for ICL models,
-        the in-context examples (per call, else the constructor's / set_examples')."""
+        the in-context examples (per call, else the constructor's / set_examples'). ``truncation_side``
+        as in ``encode`` (for ICL models it cuts the query with its instruction, before the examples join)."""
         check_call_options(self.encode_queries, reference_only)
         instruction = instruction if instruction is not None else self.query_instruction_for_retrieval
         max_length = check_max_length(max_length or self.query_max_length, self.max_length)
@@ -142,10 +144,11 @@ class DecoderEmbedder(Embedder):
         cut = False
         if self.icl:
             seqs = self.icl_sequences(texts, max_length,
-                                      examples if examples is not None else self.examples_for_task, instruction)
+                                      examples if examples is not None else self.examples_for_task, instruction,
+                                      truncation_side)
         else:
             seqs, cut = self.tokenizer.encode_checked(
-                with_instruction(instruction, self.query_instruction_format, texts), max_length)
+                with_instruction(instruction, self.query_instruction_format, texts), max_length, side=truncation_side)
         return self._vectors(seqs, single, batch_size, convert_to_numpy, normalize_embeddings, cut)
 
 

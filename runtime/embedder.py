@@ -60,18 +60,21 @@ class Embedder(BgeModel):
     @request_method
     def encode(self, sentences: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None,
                convert_to_numpy: bool = True, normalize_embeddings: bool | None = None,
-               instruction: str | None = None, instruction_format: str = "{}{}", **reference_only: Any) -> Request:
+               instruction: str | None = None, instruction_format: str = "{}{}", truncation_side: str = "right",
+               **reference_only: Any) -> Request:
         """Embed ``sentences``: a str gives a 1-D float32 vector, a list a [n, dim] array.
 
         ``max_length`` counts special tokens and any instruction (default: the passage max length,
-        capped by the model's). ``convert_to_numpy=False`` gives a list of 1-D arrays. Other keyword
+        capped by the model's). A longer text is cut: ``truncation_side="right"`` keeps its start (as
+        the reference does), ``"left"`` its end (the special tokens stay; an instruction at the start
+        of an over-long text is cut with it). ``convert_to_numpy=False`` gives a list of 1-D arrays. Other keyword
         arguments are refused, but FlagEmbedding's ``device``-like ones (REFERENCE_ONLY_CALL_OPTIONS).
         """
         check_call_options(self.encode, reference_only)
         texts, single = check_texts(sentences)
         texts = format_instruction(instruction, instruction_format, texts)
         max_length = check_max_length(max_length or self.passage_max_length, self.max_length)
-        seqs, cut = self.tokenizer.encode_checked(texts, max_length)
+        seqs, cut = self.tokenizer.encode_checked(texts, max_length, side=truncation_side)
         return self._vectors(seqs, single, batch_size, convert_to_numpy, normalize_embeddings, cut)
 
     @request_method
@@ -128,6 +131,11 @@ class EmbedderSection:
     output_name: str = "dense"
     query_instruction: str | None = None
     query_instruction_format: str = "{}{}"
+    #: the dimensions a Matryoshka-trained model keeps its quality at when cut (None: not Matryoshka)
+    matryoshka_dims: list[int] | None = None
+    #: int8/uint8 output calibration: per output dimension (str), [[min...], [max...]] over a calibration set's
+    #: vectors (bgert.runtime.vectors.int8_ranges; None: not calibrated)
+    int8_ranges: dict[str, list[list[float]]] | None = None
 
 
 #: config.json model types of the encoders bgert exports as embedders

@@ -46,6 +46,11 @@ class LightweightReranker(LLMReranker):
     >>> r.compute_score(pairs, cutoff_layers=[28], compress_ratio=2, compress_layers=[24, 40])
     """
 
+    left_truncation_refused = ("its token compression finds the passage by the lengths of the query and prompt "
+                               "around it, and cutting from the passage's start would drop the 'B: ' marker and "
+                               "separator before it; truncate on the right (TEI truncation_direction Right, "
+                               "Cohere END) or shorten the passage")
+
     def __init__(self, model_dir: str, *, cutoff_layers: int | Sequence[int] | None = None,
                  compress_ratio: int = 1, compress_layers: Sequence[int] = (8,), **kwargs: Any):
         super().__init__(model_dir, **kwargs)
@@ -74,7 +79,8 @@ class LightweightReranker(LLMReranker):
                       query_max_length: int | None = None, max_length: int | None = None,
                       cutoff_layers: int | Sequence[int] | None = None, compress_ratio: int | None = None,
                       compress_layers: Sequence[int] | None = None, prompt: str | None = None,
-                      normalize: bool | None = None, **reference_only: Any) -> Request:
+                      normalize: bool | None = None, truncation_side: str | None = None,
+                      **reference_only: Any) -> Request:
         """Scores per pair at each cutoff: a list for one cutoff, a list of lists (ascending layers) for several."""
         check_call_options(self.compute_score, reference_only)
         combo = canonical(self.cutoff_layers if cutoff_layers is None else cutoff_layers,
@@ -83,7 +89,8 @@ class LightweightReranker(LLMReranker):
         graph = self.graph_for(combo)
         pairs = check_pairs(sentence_pairs)
         n_cut = len(combo["cutoff_layers"])
-        pieces, cut = self._pieces(pairs, *self._lengths(query_max_length, max_length), prompt)
+        pieces, cut = self._pieces(pairs, *self._lengths(query_max_length, max_length), prompt,
+                                   self._side(truncation_side))
         sep = len(self.tokenizer.encode([self.separator], add_special_tokens=False)[0])
         items = [Item(a + b + c, {"query_lengths": len(a) + sep, "prompt_lengths": len(c)}) for a, b, c in pieces]
 

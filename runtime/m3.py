@@ -34,6 +34,9 @@ REFERENCE_MAX_LENGTH = 512
 #: on CPU, longer batches run unpadded (one length per batch) to take the flash-attention kernel
 DEFAULT_MAX_PADDED_LENGTH = 512
 SCORE_KEYS = ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")
+#: the heads each compute_score mode (score key) needs
+MODE_HEADS = {"colbert": ("colbert",), "sparse": ("sparse",), "dense": ("dense",), "sparse+dense": ("dense", "sparse"),
+              "colbert+sparse+dense": ("dense", "sparse", "colbert")}
 _CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
              (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
@@ -119,6 +122,29 @@ class M3Embedder(BgeModel):
     def dim(self) -> int:
         return self.manifest.section.dim
 
+    @property
+    def score_modes(self) -> tuple[str, ...]:
+        """The ``compute_score`` modes this artifact's heads allow (all five when it has every head)."""
+        return tuple(k for k in SCORE_KEYS if set(MODE_HEADS[k]) <= set(self.heads))
+
+    def _modes(self, modes: Sequence[str] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(score keys to compute, heads they need) for ``compute_score(modes=...)``; None: all five."""
+        if modes is None:
+            return SCORE_KEYS, self._want(True, True, True)
+        modes = [modes] if isinstance(modes, str) else list(modes)
+        unknown = [m for m in modes if m not in SCORE_KEYS]
+        if unknown or not modes:
+            raise ValueError(f"modes must name some of {', '.join(SCORE_KEYS)}; got {unknown or modes}")
+        lacking = [m for m in modes if m not in self.score_modes]
+        if lacking:
+            raise ValueError(f"mode {lacking[0]!r} needs the {' and '.join(MODE_HEADS[lacking[0]])} head(s); this "
+                             f"artifact was exported with --heads {','.join(self.heads)} and has the modes "
+                             f"{', '.join(self.score_modes) or 'none'}. Re-export with "
+                             "`bgert export SRC --out DIR --heads dense,sparse,colbert` for all of them.")
+        keys = tuple(dict.fromkeys(modes))
+        heads = {h for m in keys for h in MODE_HEADS[m]}
+        return keys, tuple(h for h in ("dense", "sparse", "colbert") if h in heads)
+
     # ---- batching policy --------------------------------------------------------------------
     def _plan_batches(self, lengths: Sequence[int], batch_size: int, multiple_of: int = 1) -> list[Batch]:
         """On ORT CPU: texts whose bucket exceeds ``max_padded_length`` run unpadded, one length per
@@ -172,8 +198,8 @@ class M3Embedder(BgeModel):
                 row["colbert"] = vecs
         return rows
 
-    def _items(self, texts: list[str], max_length: int) -> tuple[list[Item], bool]:
-        seqs, cut = self.tokenizer.encode_checked(texts, max_length)
+    def _items(self, texts: list[str], max_length: int, side: str = "right") -> tuple[list[Item], bool]:
+        seqs, cut = self.tokenizer.encode_checked(texts, max_length, side=side)
         return [Item(s) for s in seqs], cut
 
     def _encoded(self, rows: Sequence[dict[str, Any]], want: Sequence[str]) -> _Encoded:
@@ -184,14 +210,15 @@ class M3Embedder(BgeModel):
     def encode(self, sentences: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None,
                return_dense: bool | None = None, return_sparse: bool | None = None,
                return_colbert_vecs: bool | None = None, instruction: str | None = None,
-               instruction_format: str = "{}{}", **reference_only: Any) -> Request:
+               instruction_format: str = "{}{}", truncation_side: str = "right", **reference_only: Any) -> Request:
         """BGEM3FlagModel.encode: ``{"dense_vecs", "lexical_weights", "colbert_vecs"}``, None where not asked.
 
         ``dense_vecs``: float32 [n, dim]; ``lexical_weights``: per text a defaultdict(int) of
         str(token id) → np.float32 max weight (cls/eos/pad/unk dropped, only > 0);
         ``colbert_vecs``: per text float32 [n_tokens - 1, colbert_dim] (every real token after <s>).
         A str input gives one vector, one dict, one array. ``max_length`` defaults to 512, as in
-        BGEM3FlagModel (``passage_max_length``); it is capped by the artifact's max length.
+        BGEM3FlagModel (``passage_max_length``); it is capped by the artifact's max length. A longer
+        text is cut on ``truncation_side``: "right" keeps its start (the reference), "left" its end.
         """
         check_call_options(self.encode, reference_only)
         want = self._want(self.return_dense if return_dense is None else return_dense,
@@ -200,7 +227,7 @@ class M3Embedder(BgeModel):
         texts, single = check_texts(sentences)
         texts = format_instruction(instruction, instruction_format, texts)
         max_length = check_max_length(max_length or self.passage_max_length, self.max_length)
-        items, cut = self._items(texts, max_length)
+        items, cut = self._items(texts, max_length, truncation_side)
 
         def finish(rows: list[dict[str, Any]]) -> dict[str, Any]:
             enc = self._encoded(rows, want)
@@ -299,10 +326,15 @@ class M3Embedder(BgeModel):
                       batch_size: int | None = None, max_query_length: int | None = None,
                       max_passage_length: int | None = None,
                       weights_for_different_modes: Sequence[float] | None = None,
+                      modes: Sequence[str] | str | None = None, truncation_side: str = "right",
                       **reference_only: Any) -> Request:
         """BGEM3FlagModel.compute_score: per pair the dense, sparse and ColBERT scores and two
         weighted sums (weights [dense, sparse, colbert], default [1, 1, 1]); a dict of lists of
         float, or of floats for a single pair.
+
+        bgert's additions: ``modes`` (some of SCORE_KEYS) computes only those keys, and needs only
+        the heads they use (``score_modes`` lists what the artifact allows); ``truncation_side="left"``
+        keeps the end of an over-long query or passage instead of its start.
 
         Matches the reference's batching quirk: there, each batch of ``batch_size`` pairs pads its
         passages to the longest one, and those zero padding vectors take part in the ColBERT max,
@@ -312,7 +344,7 @@ class M3Embedder(BgeModel):
         check_call_options(self.compute_score, reference_only)
         if isinstance(sentence_pairs, list) and len(sentence_pairs) == 0:
             return Request(self.job(self.graph(), ()), [], lambda rows: [])
-        want = self._want(True, True, True)
+        keys, want = self._modes(modes)
         job = self.job(self.graph(), want)
         single = isinstance(sentence_pairs[0], str)
         pairs = [sentence_pairs] if single else list(sentence_pairs)
@@ -326,28 +358,43 @@ class M3Embedder(BgeModel):
         chunk = batch_size or self.batch_size
         n = len(pairs)
         q_items, q_cut = self._items([p[0] for p in pairs], check_max_length(max_query_length or self.query_max_length,
-                                                                           self.max_length))
+                                                                           self.max_length), truncation_side)
         p_items, p_cut = self._items([p[1] for p in pairs], check_max_length(
-            max_passage_length or self.passage_max_length, self.max_length))
+            max_passage_length or self.passage_max_length, self.max_length), truncation_side)
 
         def finish(rows: list[dict[str, Any]]) -> dict[str, Any]:
             q, p = self._encoded(rows[:n], want), self._encoded(rows[n:], want)
-            dense = np.einsum("ij,ij->i", q.dense, p.dense)
-            sparse = self._pair_lexical_scores(q.lex, p.lex)
-            starts = np.arange(0, n, chunk)
-            padded = p.lengths < np.repeat(np.maximum.reduceat(p.lengths, starts), np.diff(np.r_[starts, n]))
-            colbert = np.empty(n, dtype=np.float32)
-            for i in range(n):
-                best = (q.colbert[i] @ p.colbert[i].T).max(-1)
-                colbert[i] = (np.maximum(best, 0) if padded[i] else best).sum() / q.colbert[i].shape[0]
+            scores: dict[str, np.ndarray] = {}
+            if "dense" in want:
+                scores["dense"] = np.einsum("ij,ij->i", q.dense, p.dense)
+            if "sparse" in want:
+                scores["sparse"] = self._pair_lexical_scores(q.lex, p.lex)
+            if "colbert" in want:
+                scores["colbert"] = self._pair_colbert_scores(q.colbert, p.colbert, p.lengths, chunk)
             w_d, w_s, w_c = weights
-            scores = {"colbert": colbert, "sparse": sparse, "dense": dense,
-                      "sparse+dense": (sparse * w_s + dense * w_d) / (w_s + w_d),
-                      "colbert+sparse+dense": (colbert * w_c + sparse * w_s + dense * w_d) / sum(weights)}
-            result = {k: np.asarray(scores[k], dtype=np.float32).tolist() for k in SCORE_KEYS}
+            if "sparse+dense" in keys:
+                scores["sparse+dense"] = (scores["sparse"] * w_s + scores["dense"] * w_d) / (w_s + w_d)
+            if "colbert+sparse+dense" in keys:
+                scores["colbert+sparse+dense"] = (scores["colbert"] * w_c + scores["sparse"] * w_s
+                                                  + scores["dense"] * w_d) / sum(weights)
+            result = {k: np.asarray(scores[k], dtype=np.float32).tolist() for k in keys}
             return {k: v[0] for k, v in result.items()} if single else result
 
         return Request(job, q_items + p_items, finish, truncated=q_cut or p_cut, batch_size=batch_size)
+
+    @staticmethod
+    def _pair_colbert_scores(q: list[np.ndarray], p: list[np.ndarray], p_lengths: np.ndarray,
+                             chunk: int) -> np.ndarray:
+        """ColBERT score of pair i = (q[i], p[i]), with the reference's padded-batch quirk: in each batch of
+        ``chunk`` pairs, a passage shorter than the longest one lets a query token score 0 at best."""
+        n = len(q)
+        starts = np.arange(0, n, chunk)
+        padded = p_lengths < np.repeat(np.maximum.reduceat(p_lengths, starts), np.diff(np.r_[starts, n]))
+        colbert = np.empty(n, dtype=np.float32)
+        for i in range(n):
+            best = (q[i] @ p[i].T).max(-1)
+            colbert[i] = (np.maximum(best, 0) if padded[i] else best).sum() / q[i].shape[0]
+        return colbert
 
     @staticmethod
     def _pair_lexical_scores(lex1: list[tuple[np.ndarray, np.ndarray]],
@@ -379,6 +426,11 @@ class M3Section:
     clean_up_tokenization_spaces: bool = False
     query_instruction: str | None = None
     query_instruction_format: str = "{}{}"
+    #: the dense dimensions a Matryoshka-trained model keeps its quality at when cut (None: not Matryoshka)
+    matryoshka_dims: list[int] | None = None
+    #: int8/uint8 output calibration: per output dimension (str), [[min...], [max...]] over a calibration set's
+    #: vectors (bgert.runtime.vectors.int8_ranges; None: not calibrated)
+    int8_ranges: dict[str, list[list[float]]] | None = None
 
 
 @register

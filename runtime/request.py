@@ -46,6 +46,9 @@ class Request:
 
     ``truncated``: some input was cut to the max length (HTTP ``truncate=false`` refuses it).
     ``batch_size``: the caller's batch_size, for a request run alone (the queue cuts its own).
+    ``meta``: notes about the request; the queue records the batch it ran in there (``run_started_ns``,
+    ``run_ended_ns`` epoch ns, ``batch_requests``, ``batch_items``, ``batch_tokens``), which
+    ``bgert serve``'s tracing reads.
     """
 
     job: Job

@@ -24,7 +24,7 @@ from .embedder import format_instruction
 from .manifest import ArtifactError, Graph, Manifest
 from .registry import MODEL_TYPE, Checkpoint, Family, register
 from .request import Item, Request, request_method
-from .tokenize import TextTokenizer, check_max_length, check_texts
+from .tokenize import TextTokenizer, check_max_length, check_side, check_texts
 from .windows import windowed
 
 log = logging.getLogger("bgert")
@@ -136,6 +136,9 @@ def llm_pieces(tokenizer: TextTokenizer, sides: Sequence[tuple[list[int], list[i
 class _PairReranker(BgeModel):
     """Shared part of the rerankers: settings, pair tokenisation, batched scoring, normalisation."""
 
+    #: why this family cannot keep the end of an over-long passage (``truncation_side="left"``), or None
+    left_truncation_refused: str | None = None
+
     def __init__(self, model_dir: str, *, query_max_length: int | None = None, max_length: int | None = None,
                  normalize: bool = False, query_instruction_for_rerank: str | None = None,
                  query_instruction_format: str = "{}{}", passage_instruction_for_rerank: str | None = None,
@@ -167,16 +170,27 @@ class _PairReranker(BgeModel):
                                 else default_query_max_length(max_length))
         return check_max_length(query_max_length), max_length
 
-    def _sides(self, pairs: list[Pair], query_max_length: int,
-               max_length: int) -> tuple[list[tuple[list[int], list[int]]], bool]:
-        """Each side with its instruction, tokenised without special tokens and truncated on its own;
-        and whether any side was cut."""
+    def _side(self, truncation_side: str | None) -> str:
+        """The side a call cuts over-long texts on: its ``truncation_side``, else the artifact's (the
+        reference tokenizer's); ValueError where the family cannot keep a passage's end."""
+        if truncation_side is None:
+            return self.truncation_side
+        side = check_side(truncation_side)
+        if side == "left" and self.truncation_side != "left" and self.left_truncation_refused:
+            raise ValueError(f"truncation_side='left' is not supported by {type(self).__name__}: "
+                             f"{self.left_truncation_refused}")
+        return side
+
+    def _sides(self, pairs: list[Pair], query_max_length: int, max_length: int,
+               side: str | None = None) -> tuple[list[tuple[list[int], list[int]]], bool]:
+        """Each side with its instruction, tokenised without special tokens and truncated on its own
+        (on ``side``, default the artifact's); and whether any side was cut."""
         queries = format_instruction(self.query_instruction_for_rerank, self.query_instruction_format,
                                      [q for q, _ in pairs])
         passages = format_instruction(self.passage_instruction_for_rerank, self.passage_instruction_format,
                                       [p for _, p in pairs])
         sides, cut = tokenize_sides(self.tokenizer, queries, passages, query_max_length, max_length,
-                                    self.truncation_side)
+                                    side or self.truncation_side)
         if cut and not self._warned_truncation:
             self._warned_truncation = True
             log.warning("bgert: some queries/passages are longer than query_max_length=%d / max_length=%d tokens "
@@ -214,21 +228,26 @@ class Reranker(_PairReranker):
         super().__init__(model_dir, **kwargs)
         self._template, self._template_types = pair_template(self.manifest)
 
-    def _assemble(self, query: list[int], passage: list[int], max_length: int) -> tuple[list[int], list[int]]:
-        """Special tokens around the pair (the tokenizer's own template), the passage trimmed to fit."""
-        return assemble_pair(self._template, self._template_types, query, passage, max_length, self.truncation_side)
+    def _assemble(self, query: list[int], passage: list[int], max_length: int,
+                  side: str) -> tuple[list[int], list[int]]:
+        """Special tokens around the pair (the tokenizer's own template), the passage trimmed to fit on ``side``."""
+        return assemble_pair(self._template, self._template_types, query, passage, max_length, side)
 
     @windowed(check_pairs)
     @request_method
     def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
                       query_max_length: int | None = None, max_length: int | None = None,
-                      normalize: bool | None = None, **reference_only: Any) -> Request:
-        """Relevance logit per (query, passage) pair (sigmoid with ``normalize=True``), as a list."""
+                      normalize: bool | None = None, truncation_side: str | None = None,
+                      **reference_only: Any) -> Request:
+        """Relevance logit per (query, passage) pair (sigmoid with ``normalize=True``), as a list.
+        ``truncation_side`` (bgert): "left" keeps the end of an over-long query or passage, "right" its
+        start (default: the artifact's, i.e. the reference tokenizer's)."""
         check_call_options(self.compute_score, reference_only)
         pairs = check_pairs(sentence_pairs)
+        side = self._side(truncation_side)
         query_max_length, max_length = self._lengths(query_max_length, max_length)
-        sides, cut = self._sides(pairs, query_max_length, max_length)
-        built = [self._assemble(q, p, max_length) for q, p in sides]
+        sides, cut = self._sides(pairs, query_max_length, max_length, side)
+        built = [self._assemble(q, p, max_length, side) for q, p in sides]
         items = [Item(ids, {"token_type_ids": types} if self._template_types else None) for ids, types in built]
         return self._request(items, self.graph(), batch_size, cut, lambda scores: self._finish(scores, normalize))
 
@@ -242,20 +261,25 @@ class LLMReranker(_PairReranker):
     """
 
 
+    left_truncation_refused = ("its input puts the passage marker ('B: ') and a separator before the passage, "
+                               "and cutting from the start would drop them with the passage's first tokens; "
+                               "truncate on the right (TEI truncation_direction Right, Cohere END) or shorten "
+                               "the passage")
+
     def __init__(self, model_dir: str, *, prompt: str | None = None, **kwargs: Any):
         super().__init__(model_dir, **kwargs)
         self.prompt = prompt
         self.separator = self.manifest.section.separator
         self.bos_prefix = bos_prefix(self.manifest)
 
-    def _pieces(self, pairs: list[Pair], query_max_length: int, max_length: int,
-                prompt: str | None) -> tuple[list[tuple[list[int], list[int], list[int]]], bool]:
-        """``llm_pieces`` of these pairs, with the call's prompt, else the constructor's, else the manifest's;
-        and whether any side was cut."""
+    def _pieces(self, pairs: list[Pair], query_max_length: int, max_length: int, prompt: str | None,
+                side: str | None = None) -> tuple[list[tuple[list[int], list[int], list[int]]], bool]:
+        """``llm_pieces`` of these pairs, with the call's prompt, else the constructor's, else the manifest's,
+        cut on ``side`` (default the artifact's); and whether any side was cut."""
         prompt = prompt if prompt is not None else self.prompt if self.prompt is not None else self.manifest.section.prompt
-        sides, cut = self._sides(pairs, query_max_length, max_length)
-        return llm_pieces(self.tokenizer, sides, self.bos_prefix, self.separator, prompt, max_length,
-                          self.truncation_side), cut
+        side = side or self.truncation_side
+        sides, cut = self._sides(pairs, query_max_length, max_length, side)
+        return llm_pieces(self.tokenizer, sides, self.bos_prefix, self.separator, prompt, max_length, side), cut
 
     def _sequences(self, pairs: list[Pair], query_max_length: int, max_length: int,
                    prompt: str | None) -> list[list[int]]:
@@ -263,18 +287,22 @@ class LLMReranker(_PairReranker):
         return [a + b + c for a, b, c in self._pieces(pairs, query_max_length, max_length, prompt)[0]]
 
     def _items(self, pairs: list[Pair], query_max_length: int | None, max_length: int | None,
-               prompt: str | None) -> tuple[list[Item], bool]:
-        pieces, cut = self._pieces(pairs, *self._lengths(query_max_length, max_length), prompt)
+               prompt: str | None, side: str | None = None) -> tuple[list[Item], bool]:
+        pieces, cut = self._pieces(pairs, *self._lengths(query_max_length, max_length), prompt, side)
         return [Item(a + b + c) for a, b, c in pieces], cut
 
     @windowed(check_pairs)
     @request_method
     def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
                       query_max_length: int | None = None, max_length: int | None = None,
-                      prompt: str | None = None, normalize: bool | None = None, **reference_only: Any) -> Request:
-        """``Yes`` logit per (query, passage) pair (sigmoid with ``normalize=True``), as a list."""
+                      prompt: str | None = None, normalize: bool | None = None, truncation_side: str | None = None,
+                      **reference_only: Any) -> Request:
+        """``Yes`` logit per (query, passage) pair (sigmoid with ``normalize=True``), as a list.
+        ``truncation_side`` (bgert): "right" cuts an over-long passage at its end (see
+        ``left_truncation_refused`` for "left")."""
         check_call_options(self.compute_score, reference_only)
-        items, cut = self._items(check_pairs(sentence_pairs), query_max_length, max_length, prompt)
+        items, cut = self._items(check_pairs(sentence_pairs), query_max_length, max_length, prompt,
+                                 self._side(truncation_side))
         return self._request(items, self.graph(), batch_size, cut, lambda scores: self._finish(scores, normalize))
 
 
@@ -331,12 +359,14 @@ class LayerwiseReranker(LLMReranker):
     def compute_score(self, sentence_pairs: Pair | Sequence[Pair], batch_size: int | None = None,
                       query_max_length: int | None = None, max_length: int | None = None,
                       cutoff_layers: int | Sequence[int] | None = None, prompt: str | None = None,
-                      normalize: bool | None = None, **reference_only: Any) -> Request:
+                      normalize: bool | None = None, truncation_side: str | None = None,
+                      **reference_only: Any) -> Request:
         """Scores per pair at each requested cutoff layer: a list, or a list of lists (one per layer)."""
         check_call_options(self.compute_score, reference_only)
         cutoffs = self._cutoffs(cutoff_layers)
         graph = self.graph_for(cutoffs)
-        items, cut = self._items(check_pairs(sentence_pairs), query_max_length, max_length, prompt)
+        items, cut = self._items(check_pairs(sentence_pairs), query_max_length, max_length, prompt,
+                                 self._side(truncation_side))
 
         def finish(scores: np.ndarray) -> list[float] | list[list[float]]:
             scores = scores.reshape(len(items), len(graph.cutoff_layers))

@@ -291,9 +291,13 @@ class TokenQueue:
             self._observe("queue_seconds", now - e.queued_at)
         longest = max((len(it.ids) for it in items), default=1)
         padded = len(items) * bucket_for(longest, self.model.length_buckets, entries[0].request.job.multiple_of)
-        t = time.perf_counter()
+        t, started_ns = time.perf_counter(), time.time_ns()
         rows = self.model.run_items(entries[0].request.job, items) if items else []
         seconds = time.perf_counter() - t
+        run = {"run_started_ns": started_ns, "run_ended_ns": time.time_ns(), "batch_requests": len(entries),
+               "batch_items": len(items), "batch_tokens": padded}
+        for e in entries:  # per request, for tracing (bgert.server.tracing)
+            e.request.meta.update(run)
         for name, value in (("inference_seconds", seconds), ("batch_requests", len(entries)),
                             ("batch_items", len(items)), ("batch_tokens", padded)):
             self._observe(name, value)

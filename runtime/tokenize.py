@@ -54,6 +54,18 @@ def check_max_length(max_length: Any, limit: int | None = None) -> int:
     return n if limit is None else min(n, limit)
 
 
+#: where an over-long text is cut: "right" keeps its start (the reference's default), "left" keeps its end
+TRUNCATION_SIDES = ("right", "left")
+
+
+def check_side(side: Any) -> str:
+    """``side`` as "right" or "left" (HF's ``truncation_side``); ValueError naming both otherwise."""
+    if side not in TRUNCATION_SIDES:
+        raise ValueError(f"truncation_side must be 'right' (keep the start of a text) or 'left' (keep its end), "
+                         f"got {side!r}")
+    return side
+
+
 #: a text longer than this many characters per kept token is cut (at a space) before tokenising
 CUT_CHARS_PER_TOKEN = 10
 #: normalizers that map each character (or grapheme) on its own, and pre-tokenizers that split at
@@ -141,7 +153,7 @@ class TextTokenizer:
     def _encodings(self, texts: Sequence[str], max_length: int | None, add_special_tokens: bool,
                    side: str) -> list[Any]:
         """Encodings truncated while tokenising; texts far too long cut first where that is exact."""
-        tok = self._for_length(max_length, side)
+        tok = self._for_length(max_length, check_side(side))
         if max_length is None or side != "right" or not self.cuts_exactly:
             return tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         cut = [self._cut(t, max_length) for t in texts]

@@ -215,3 +215,32 @@ def test_misspelt_keyword_arguments_are_refused(tiny_bge_art):
                                             r"sentences, batch_size, max_length, convert_to_numpy, normalize_embeddings"):
             call(["a"], normalise_embeddings=False)
     np.testing.assert_array_equal(model.encode(["a"], device="cuda:0"), model.encode(["a"]))
+
+
+#: a text whose start and end differ, far beyond 512 tokens: left and right truncation keep different tokens
+HEAD_TAIL = " ".join(["the giant panda lives in china"] * 120 + ["bamboo is the food of a bear species"] * 120)
+
+
+def test_truncation_side_left_keeps_the_end_as_the_reference_does(tiny_bge, tiny_bge_art, flag_model):
+    """``truncation_side="left"`` against FlagModel with its tokenizer truncating on the left (HF's
+    ``truncation_side``), and the ids against the HF tokenizer's own left truncation."""
+    from transformers import AutoTokenizer
+
+    texts = [HEAD_TAIL, "what is panda?", "panda " * 2000]
+    m = Embedder(tiny_bge_art)
+    flag_model.tokenizer.truncation_side = "left"
+    try:
+        ref, ref_q = flag_model.encode_corpus(texts), flag_model.encode_queries(texts)
+    finally:
+        flag_model.tokenizer.truncation_side = "right"
+    got = m.encode_corpus(texts, truncation_side="left")
+    assert cos_rows(ref, got).min() >= 0.99999 and np.abs(ref - got).max() < 1e-4
+    with_instruction = Embedder(tiny_bge_art, query_instruction_for_retrieval=flag_model.query_instruction_for_retrieval)
+    got_q = with_instruction.encode_queries(texts, truncation_side="left")  # the instruction is cut with the start
+    assert cos_rows(ref_q, got_q).min() >= 0.99999
+    assert cos_rows(m.encode_corpus(texts[:1]), got[:1])[0] < 0.999  # the start and the end really differ
+    hf = AutoTokenizer.from_pretrained(tiny_bge, truncation_side="left")
+    ids, cut = m.tokenizer.encode_checked(texts, 512, side="left")
+    assert cut and ids == hf(texts, truncation=True, max_length=512)["input_ids"]
+    with pytest.raises(ValueError, match="truncation_side must be 'right'.*or 'left'"):
+        m.encode(texts, truncation_side="middle")

@@ -306,3 +306,46 @@ def test_misspelt_keyword_arguments_are_refused(m3_art):
     with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) weights; it takes .*weights_for_different"):
         model.compute_score([("q", "p")], weights=[1, 1, 1])
     assert model.encode(["a"], device="cpu")["dense_vecs"].shape == (1, model.dim)
+
+
+def test_compute_score_modes_match_the_reference(flag, model, m3_dense_art):
+    """``compute_score(modes=...)`` (what ``bgert serve`` scores M3 pairs with) against BGEM3FlagModel's
+    value of each mode, with default and model-card weights; a dense-only artifact has only "dense"."""
+    from bgert.runtime.m3 import SCORE_KEYS
+
+    pairs = [(TEXTS[i], TEXTS[j]) for i, j in [(2, 3), (2, 7), (8, 6), (4, 5), (3, 15)]] + QUIRK_PAIRS
+    for kw in ({}, {"weights_for_different_modes": [0.4, 0.2, 0.4], "batch_size": 2}):
+        ref = flag.compute_score(pairs, **kw)
+        for mode in SCORE_KEYS:
+            got = model.compute_score(pairs, modes=[mode], **kw)
+            assert list(got) == [mode]
+            assert np.abs(np.array(got[mode]) - np.array(ref[mode])).max() < 1e-4, (mode, kw)
+    assert model.score_modes == SCORE_KEYS
+    dense_only = load(m3_dense_art)
+    assert dense_only.score_modes == ("dense",)
+    got = dense_only.compute_score(pairs, modes="dense")["dense"]
+    assert np.abs(np.array(got) - np.array(flag.compute_score(pairs)["dense"])).max() < 1e-4
+    with pytest.raises(ValueError, match=r"mode 'sparse' needs the sparse head.*has the modes dense\."):
+        dense_only.compute_score(pairs, modes=["sparse"])
+    with pytest.raises(ValueError, match="modes must name some of"):
+        model.compute_score(pairs, modes=["lexical"])
+
+
+def test_truncation_side_left_matches_the_reference(flag, model):
+    """BGEM3FlagModel with its tokenizer truncating on the left keeps the end of long texts; so does
+    ``truncation_side="left"``, in encode and in compute_score."""
+    long = " ".join(["panda bear"] * 300 + ["what is BGE M3"] * 300)
+    texts = [long, TEXTS[2], TEXTS[15]]
+    pairs = [(long, TEXTS[6]), (TEXTS[2], long)]
+    flag.tokenizer.truncation_side = "left"
+    try:
+        ref = flag.encode(texts, **ALL)
+        ref_scores = flag.compute_score(pairs)
+    finally:
+        flag.tokenizer.truncation_side = "right"
+    got = model.encode(texts, truncation_side="left", **ALL)
+    assert_same_encoding(ref, got)
+    assert cos_rows(model.encode(texts[:1])["dense_vecs"], got["dense_vecs"][:1])[0] < 0.999  # the sides differ
+    got_scores = model.compute_score(pairs, truncation_side="left")
+    for k in ref_scores:
+        assert np.abs(np.array(ref_scores[k]) - np.array(got_scores[k])).max() < 1e-4, k

@@ -336,3 +336,26 @@ def test_misspelt_keyword_arguments_are_refused(cross_art, gemma_art, minicpm_ar
             model.compute_score([("q", "p")], **{typo: 1})
         assert model.compute_score([("q", "p")], device="cuda", use_dataloader=True, num_workers=2) == \
             model.compute_score([("q", "p")])
+
+
+def test_truncation_side_left_matches_the_reference(cross_art, flag_cross, gemma_art, minicpm_art):
+    """A cross-encoder with ``truncation_side="left"`` against FlagReranker whose tokenizer truncates on the
+    left (each side keeps its end, and the pair trims the passage's start); the decoder rerankers refuse it,
+    saying why."""
+    long_q = " ".join(["what is a panda"] * 60 + ["and where does it live"] * 60)
+    long_p = " ".join(["the giant panda is a bear"] * 100 + ["it eats bamboo in china"] * 100)
+    pairs = PAIRS + [(long_q, "hi"), ("what is panda?", long_p), (long_q, long_p)]
+    model = load(cross_art)
+    flag_cross.tokenizer.truncation_side = "left"
+    try:
+        ref = {kw: flag_cross.compute_score(pairs, **dict(kw)) for kw in ((), (("max_length", 24),))}
+    finally:
+        flag_cross.tokenizer.truncation_side = "right"
+    for kw, want in ref.items():
+        assert_parity(want, model.compute_score(pairs, truncation_side="left", **dict(kw)))
+    right = model.compute_score(pairs)
+    assert max(abs(a - b) for a, b in zip(right[-3:], ref[()][-3:])) > 1e-4  # the sides really differ
+    for art in (gemma_art, minicpm_art):
+        with pytest.raises(ValueError, match=r"truncation_side='left' is not supported.*passage marker"):
+            load(art).compute_score(pairs, truncation_side="left")
+        load(art).compute_score(PAIRS[:1], truncation_side="right")

@@ -204,7 +204,7 @@ def triton_server(tiny_bge_art, cross_art, tmp_path_factory):
     write_repository(tiny_bge_art, repo, backend="python", device="cpu", max_batch_size=8, queue_delay_us=2000,
                      threads=1)
     write_repository(cross_art, repo, backend="python", device="cpu", max_batch_size=4, threads=1, ensemble=False)
-    server = start_or_skip(TritonServer(repo), "test_triton")
+    server = start_or_skip(lambda: TritonServer(repo), "test_triton")
     yield server
     server.stop()
 

@@ -84,7 +84,7 @@ def server(arts, tmp_path_factory):
     repo = str(tmp_path_factory.mktemp("triton_families") / "repo")
     for art in arts.values():
         write_repository(art, repo, backend="python", device="cpu", max_batch_size=4, queue_delay_us=2000, threads=1)
-    srv = start_or_skip(TritonServer(repo), "test_triton_families")
+    srv = start_or_skip(lambda: TritonServer(repo), "test_triton_families")
     yield srv
     srv.stop()
 

@@ -27,17 +27,21 @@ def _gate(s: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"--gate wants PRECISION=VALUE, e.g. int8=0.98, got {s!r}") from None
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser
     p.add_argument("artifact", help="artifact directory")
+    p = parser.add_argument_group("reference")
     p.add_argument("--reference", default="auto", choices=["auto", "flagembedding", "sentence-transformers"],
                    help="PyTorch reference (auto: sentence-transformers for mean-pooling sentence-transformers "
                         "checkpoints, FlagEmbedding otherwise)")
     p.add_argument("--reference-model", help="PyTorch checkpoint for the reference (default: the manifest's source)")
+    p = parser.add_argument_group("variants")
     p.add_argument("--backend", type=_csv, default=["ort"], help="comma-separated: ort,openvino,triton")
     p.add_argument("--precision", type=_csv, help="comma-separated variants (default: every one in the artifact)")
     p.add_argument("--providers", type=_csv, help="ORT providers for bgert's variants (default: cpu)")
     p.add_argument("--triton-url", help="Triton server for --backend triton (host:port)")
-    p.add_argument("--triton-protocol", default="grpc", choices=["grpc", "http"])
+    p.add_argument("--triton-protocol", default="grpc", choices=["grpc", "http"], help="Triton client protocol")
+    p = parser.add_argument_group("inputs and timing")
     p.add_argument("--data", default="scifact", help="'scifact' (bundled) or a txt/jsonl file of texts")
     p.add_argument("--batch-sizes", type=_ints, help="default 1,8,32 (--quick: 1,8)")
     p.add_argument("--texts", type=int, help="texts in the mixed set (short gets 4x, long 1/2; default 32, quick 8)")
@@ -45,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-calls", type=int, help="batch-1 calls for p50/p99 (default 100, quick 20)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS probes (one process per variant)")
     p.add_argument("--threads", type=int, help="threads for ORT, torch and the GEMM peak (default: usable cores)")
+    p = parser.add_argument_group("gates and output")
     p.add_argument("--gate", type=_gate, action="append", default=[],
                    help="override a precision's gate, e.g. int8=0.98 (cosine) or fp32=0.0005 (reranker max diff)")
     p.add_argument("--quick", action="store_true", help="small sets, batch 1 and 8, one pass, no memory probes (CI)")

@@ -22,27 +22,31 @@ from typing import Any, Iterator
 import numpy as np
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument_group("input")
     p.add_argument("artifact", help="artifact directory")
     p.add_argument("--input", "-i", default="-", help="txt (one text per line), jsonl or parquet file; '-' for stdin")
-    p.add_argument("--output", "-o", required=True,
-                   help=".npy (array), .jsonl (one record per line) or .parquet (a directory of part files)")
     p.add_argument("--field", default="text", help="jsonl/parquet input: the text field (default: text)")
     p.add_argument("--id-field", default=None, help="jsonl/parquet input: a field to keep as each row's id")
     p.add_argument("--queries", action="store_true", help="apply the query instruction (encode_queries)")
-    p.add_argument("--batch-size", type=int, default=None)
+    p = parser.add_argument_group("model and batching")
+    p.add_argument("--batch-size", type=int, default=None, help="texts per batch at most (default: the model's, 256)")
     p.add_argument("--window-size", type=int, default=None, help="texts tokenised and written at once (default 4096)")
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--precision", default=None)
+    p.add_argument("--max-length", type=int, default=None, help="tokens per text at most (default: the artifact's)")
+    p.add_argument("--precision", default=None, help="graph precision (default: the runtime's choice, `bgert info`)")
     p.add_argument("--providers", default=None, help="comma-separated ORT providers (default: CPU)")
     p.add_argument("--backend", default="auto", choices=["auto", "ort", "openvino"],
                    help="auto: the fastest variant `bgert tune` measured here, else ORT; or ONNX Runtime, or "
                         "OpenVINO on the CPU (the openvino extra)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (ORT) / inference threads (OpenVINO)")
+    p = parser.add_argument_group("output")
+    p.add_argument("--output", "-o", required=True,
+                   help=".npy (array), .jsonl (one record per line) or .parquet (a directory of part files)")
     p.add_argument("--sparse", action="store_true", help="m3: also write lexical weights (jsonl/parquet output)")
     p.add_argument("--colbert", action="store_true", help="m3: also write ColBERT vectors (jsonl/parquet output)")
     p.add_argument("--resume", action="store_true", help="keep what the output already holds and encode the rest")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = parser.add_argument_group("Ray Data")
     p.add_argument("--ray", default=None, metavar="auto|ADDRESS",
                    help="run on a Ray cluster through Ray Data (parquet in and out; needs bgert[ray])")
     p.add_argument("--concurrency", type=int, default=2, help="--ray: number of model actors (default 2)")

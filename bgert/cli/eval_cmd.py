@@ -8,19 +8,23 @@ import os
 import sys
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser
     p.add_argument("artifact", help="embedder artifact directory (first stage)")
     p.add_argument("--beir", required=True,
                    help="BEIR folder (corpus.jsonl[.gz], queries.jsonl, qrels/test.tsv) or 'scifact' (bundled)")
     p.add_argument("--split", default="test", help="qrels split (default: test)")
+    p = parser.add_argument_group("reranking")
     p.add_argument("--reranker", help="reranker artifact to rescore the embedder's top-k")
     p.add_argument("--top-k", type=int, default=100, help="candidates per query to rerank (default: 100)")
     p.add_argument("--cutoff-layer", type=int, help="layerwise rerankers: the cutoff layer to score with")
+    p = parser.add_argument_group("runtime")
     p.add_argument("--precision", help="embedder precision (default: the runtime's choice)")
     p.add_argument("--reranker-precision", help="reranker precision (default: the runtime's choice)")
     p.add_argument("--threads", type=int, help="ORT intra-op threads (default: all cores)")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="texts per batch (default: the runtime's)")
     p.add_argument("--max-queries", type=int, help="evaluate only the first N queries (smoke runs)")
+    p = parser.add_argument_group("output")
     p.add_argument("--out", default="bench-results", help="directory for eval_<model>_<dataset>.json/.md")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 

@@ -12,12 +12,19 @@ import sys
 import threading
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser
     p.add_argument("artifacts", nargs="+", metavar="ART", help="artifact directories (from `bgert export`)")
     p.add_argument("--name", action="append", default=[], metavar="NAME",
                    help="name of each artifact, once per artifact in order (default: its directory name)")
+    p = parser.add_argument_group("server")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--api-key", default=os.environ.get("BGERT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $BGERT_API_KEY, else none)")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
+    p = parser.add_argument_group("batching and limits")
     p.add_argument("--max-batch-tokens", type=int, default=16384,
                    help="padded tokens per batch run at most (rows x length bucket; default 16384)")
     p.add_argument("--max-batch-requests", type=int, default=256, help="inputs per batch run at most (default 256)")
@@ -27,13 +34,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="request body size at most (default 2,000,000)")
     p.add_argument("--max-queue-items", type=int, default=10_000,
                    help="inputs waiting per model at most; past it requests get 429 (default 10,000)")
-    p.add_argument("--api-key", default=os.environ.get("BGERT_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $BGERT_API_KEY, else none)")
+    p = parser.add_argument_group("models")
     p.add_argument("--precision", default=None, help="graph precision (default: the best that passed its gate)")
     p.add_argument("--providers", default=None, help="ORT execution providers, e.g. cuda or cpu")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads per model (default: ORT's)")
     p.add_argument("--tokenizer-workers", type=int, default=None, help="tokenising threads per model (default: 4)")
-    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p = parser.add_argument_group("inputs, outputs and tracing")
+    p.add_argument("--auto-truncate", action=argparse.BooleanOptionalAction, default=True,
+                   help="cut inputs longer than a model's max length (as TEI does; default on); "
+                        "--no-auto-truncate refuses them with 413. A request's own truncate wins")
+    p.add_argument("--int8-calibration", metavar="FILE", default=None,
+                   help="texts (one per line, like the corpus) whose vectors calibrate int8/uint8 output at "
+                        "start-up (default: the ranges the artifact's export calibrated)")
+    p.add_argument("--otlp-endpoint", metavar="URL", default=None,
+                   help="export OpenTelemetry traces over OTLP/HTTP to URL/v1/traces (default: "
+                        "$OTEL_EXPORTER_OTLP_ENDPOINT, else off); needs the otel extra")
+    p.add_argument("--otlp-service-name", default=None,
+                   help="service.name of the traces (default: $OTEL_SERVICE_NAME, else bgert)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,13 +66,17 @@ def run(args: argparse.Namespace) -> int:
                          "give it once per artifact, in order, or not at all")
     if len(set(names)) != len(names):
         raise ValueError(f"two artifacts have the same name ({', '.join(names)}); tell them apart with --name")
+    if args.int8_calibration is not None and not os.path.isfile(args.int8_calibration):
+        raise FileNotFoundError(f"--int8-calibration {args.int8_calibration} is not a file (texts, one per line)")
     for a in args.artifacts:
         if not os.path.isdir(a):
             raise FileNotFoundError(f"{a} is not a directory; make one with `bgert export CHECKPOINT --out DIR`")
     options = ServerOptions(max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
                             max_client_batch_size=args.max_client_batch_size,
                             max_request_bytes=args.max_request_bytes, max_queue_items=args.max_queue_items,
-                            api_key=args.api_key or None, tokenizer_workers=args.tokenizer_workers)
+                            api_key=args.api_key or None, tokenizer_workers=args.tokenizer_workers,
+                            auto_truncate=args.auto_truncate, int8_calibration=args.int8_calibration,
+                            otlp_endpoint=args.otlp_endpoint, otlp_service_name=args.otlp_service_name)
     load_kwargs = {k: v for k, v in (("precision", args.precision), ("providers", args.providers),
                                      ("intra_op_num_threads", args.threads)) if v is not None}
     state = ServerState([Served(n, a) for n, a in zip(names, args.artifacts)], options, load_kwargs)

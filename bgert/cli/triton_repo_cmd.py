@@ -5,11 +5,14 @@ import argparse
 import sys
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bgert.triton_models.repository import BACKENDS, DEVICES
 
+    p = parser
     p.add_argument("artifact", help="artifact directory (from `bgert export`)")
     p.add_argument("--out", "-o", required=True, help="model repository directory (created, or added to)")
+    p.add_argument("--force", action="store_true", help="replace models of the same name in REPO")
+    p = parser.add_argument_group("model step")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                    help="model step: Triton's onnxruntime backend, the same with the TensorRT accelerator (FP16), "
                         "or a python-backend model running onnxruntime (what the bundled server runs)")
@@ -17,15 +20,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instances", type=int, default=1, help="instances per model (default: 1)")
     p.add_argument("--max-batch-size", type=int, default=64, help="Triton max_batch_size (default: 64)")
     p.add_argument("--precision", default=None, help="graph precision to serve (default: preferred on --device)")
+    p = parser.add_argument_group("names and ensemble")
     p.add_argument("--no-ensemble", action="store_true", help="only the model step (token ids in), no raw-text ensemble")
     p.add_argument("--name", default=None, help="model name prefix (default: the artifact directory's name)")
+    p = parser.add_argument_group("batching and engines")
     p.add_argument("--queue-delay-us", type=int, default=500, help="dynamic batcher max queue delay (default: 500)")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads per instance (default: ORT's)")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens the raw-text ensemble truncates a text (a reranker pair) to (default: as the runtime "
                         "class: the model's max length; 512 for BGE-M3; the manifest's default for rerankers)")
     p.add_argument("--workspace-bytes", type=int, default=1 << 30, help="TensorRT workspace size (default: 1 GiB)")
-    p.add_argument("--force", action="store_true", help="replace models of the same name in REPO")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,8 +13,8 @@ import sys
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("repo", help="model repository (from `bgert triton-repo`)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics (default: off)")
     p.add_argument("--env", default=None, help="server environment (default: $BGERT_TRITON_ENV or "
                                                "~/.cache/bgert/triton-env)")

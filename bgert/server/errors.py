@@ -1,7 +1,7 @@
 """Errors of ``bgert serve`` in the shape of the API each route belongs to.
 
 OpenAI routes (``/v1/embeddings``, ``/v1/models``) answer OpenAI's error object, the Cohere/Jina
-route (``/v1/rerank``) Cohere's ``{"message": ...}``, and every other route TEI's
+routes (``/v1/rerank``, ``/v2/embed``, ``/v2/rerank``) Cohere's ``{"message": ...}``, and every other route TEI's
 ``{"error": ..., "error_type": ...}``.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 OPENAI_PATHS = ("/v1/embeddings", "/v1/models")
-COHERE_PATHS = ("/v1/rerank",)
+COHERE_PATHS = ("/v1/rerank", "/v2/")
 
 #: TEI's error types, and OpenAI's error type for each
 _OPENAI_TYPES = {"Validation": "invalid_request_error", "Empty": "invalid_request_error",
