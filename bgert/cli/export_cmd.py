@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--calibration-percentile", type=float, help="for --calibration-method percentile (99.99)")
     q.add_argument("--int8-fp32-nodes", type=_fp32_nodes,
                    help="quantizable MatMuls kept fp32, largest int8 error first: a fraction < 1, a count, or auto "
-                        "(default: the fewest of 0, 5%%, 10%%, 25%% that holds the gate on the calibration text)")
+                        "(default auto: int8/int8-vnni the fewest of 0, 5%%, 10%%, 25%% that holds the gate on the "
+                        "calibration text, int8-static 25%%)")
     q.add_argument("--static-activations", choices=["uint8", "int8"],
                    help="int8-static activation type; int8 (symmetric) is what TensorRT takes")
 
