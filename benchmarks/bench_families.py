@@ -331,7 +331,8 @@ class RerankerBench(BenchAdapter):
         if hasattr(m, "_sequences"):  # LLM rerankers: bos A: q \n B: p \n prompt
             seqs = m._sequences(list(items), qml, ml, None)
         else:
-            seqs = [m._assemble(q, p, ml)[0] for q, p in m._sides(list(items), qml, ml)[0]]
+            side = m._side(None)
+            seqs = [m._assemble(q, p, ml, side)[0] for q, p in m._sides(list(items), qml, ml, side)[0]]
         return np.array([len(s) for s in seqs], dtype=np.int64)
 
     def call_kwargs(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ _WORDS = ("protein cell gene expression receptor signal pathway tumor patient tr
 
 def explain(model_dir: str, threads: int | None = None) -> str:
     """Which variant a default load gets on this machine, and why."""
-    from .base import BF16_FLAGS, CPU_PREFERENCE, cpu_flags, default_precision
+    from .base import BF16_FLAGS, cpu_flags, cpu_preference, default_precision
     from .manifest import read_manifest
 
     m = read_manifest(model_dir, verify=False)
@@ -48,7 +48,7 @@ def explain(model_dir: str, threads: int | None = None) -> str:
         when = ("BGERT_TUNE=off" if tune_mode() == "off" else
                 f"the first default load measures it, or `bgert tune {model_dir}`")
         why = (f"ort {default_precision(m, False)}: nothing measured on this machine ({machine_key(threads)}; "
-               f"{when}), so the fixed order {'>'.join(CPU_PREFERENCE)} among gated graphs that run well on this CPU")
+               f"{when}), so the fixed order {'>'.join(cpu_preference())} among gated graphs that run well on this CPU")
     return "; ".join([why, *notes])
 
 

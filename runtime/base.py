@@ -75,6 +75,17 @@ def graph_backend(g: Graph) -> str:
 #: provider / backend (on CPU, only graphs that run well here count: int8-vnni only where int8 dot products
 #: are exact, bf16 only with AMX-BF16 / AVX512-BF16)
 CPU_PREFERENCE = ("int8-vnni", "int8", "fp32", "int8-static", "fp16")
+#: without int8 dot products (AVX2-only x86) an int8 GEMM runs at about the fp32 rate, and the int8 graph's
+#: quantize and smoothing ops cost more than it saves (AMD EPYC: int8 1.00x documents, 0.96x queries of fp32,
+#: docs/precision.md): fp32 first where nothing was measured
+CPU_PREFERENCE_NO_INT8_DOT = ("fp32", "int8", "int8-static", "fp16")
+
+
+def cpu_preference() -> tuple[str, ...]:
+    """The fixed CPU order for this CPU (used where nothing was measured)."""
+    return CPU_PREFERENCE if cpu_int8_dot_exact() else CPU_PREFERENCE_NO_INT8_DOT
+
+
 GPU_PREFERENCE = ("fp16", "fp32", "int8-static", "int8")
 OPENVINO_PREFERENCE = ("bf16", "fp32", "ov-int8")
 
@@ -86,7 +97,7 @@ def default_precision(manifest: Manifest, on_gpu: bool, backend: str = "ort",
     the backend's first preference among those, else any that passed; None when none passed."""
     from .tuning import fastest
 
-    prefs = GPU_PREFERENCE if on_gpu else OPENVINO_PREFERENCE if backend == "openvino" else CPU_PREFERENCE
+    prefs = GPU_PREFERENCE if on_gpu else OPENVINO_PREFERENCE if backend == "openvino" else cpu_preference()
     passed = {g.precision for g in manifest.graphs if g.gate_passed and (on_gpu or graph_runs_well_here(g))
               and graph_backend(g) in ("any", backend)}
     if backend == "openvino":
@@ -102,7 +113,7 @@ def tune_candidates(m: Manifest) -> list[tuple[str, str]]:
     fastest first (the fixed orders), so a measurement cut short by its budget keeps them."""
     from .openvino_backend import openvino_available
 
-    order = {p: i for i, p in enumerate(CPU_PREFERENCE)}
+    order = {p: i for i, p in enumerate(cpu_preference())}
     ov_order = {p: i for i, p in enumerate(OPENVINO_PREFERENCE)}
     backends = ["ort"] + (["openvino"] if openvino_available() else [])
     out = []

@@ -8,7 +8,7 @@ documents and queries. The result is cached per (artifact, CPU model + flags, th
 ``$BGERT_CACHE_DIR/tune`` (default ``~/.cache/bgert/tune``); where that cannot be written it is kept for the
 life of the process. The runtime classes then default to the fastest variant measured; where nothing was
 measured (``BGERT_TUNE=off``, or every variant failed) they fall back to ORT and the fixed order in
-bgert.runtime.base (``CPU_PREFERENCE``).
+bgert.runtime.base (``cpu_preference()``).
 
 Speed alone decides among variants that passed their quality gate; a variant whose gate was not
 measured (bf16 exported on a CPU without bf16) is never timed, so never chosen.
