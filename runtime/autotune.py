@@ -2,8 +2,9 @@
 load (``measure_once``); ``explain`` says which variant a default load gets here and why.
 
 Every variant is timed in its own process, one after another (ORT's and OpenMP's worker threads spin after a
-run and would slow a neighbour; two at once would share the cores), on synthetic documents (~180 words) and
-queries (~10 words) through the public encode / compute_score calls, tokenising included. A variant's score
+run and would slow a neighbour; two at once would share the cores), on synthetic documents (~300 words: past
+MiniLM's 256 tokens, as most retrieval passages are) and queries (~10 words) through the public encode / compute_score calls, tokenising included, each timed batch new
+to the variant (a repeated batch hides the cost of a new shape, which OpenVINO's int8 graphs pay). A variant's score
 is the geometric mean of its documents/s and queries/s. The result goes to the cache of bgert.runtime.tuning.
 """
 from __future__ import annotations
@@ -52,6 +53,12 @@ def explain(model_dir: str, threads: int | None = None) -> str:
     return "; ".join([why, *notes])
 
 
+#: words per synthetic document: most SciFact passages pass a 256-token max length, and shorter documents rank the
+#: variants differently (OpenVINO bf16 gains the most from long rows: 110 against ORT int8-vnni's 69 docs/s at 256
+#: tokens, 98 against 102 at ~200, on the AMX Xeon of benchmarks/results/cpu_variants_all-MiniLM-L6-v2.md)
+DOC_WORDS = 300
+
+
 def synthetic_texts(n: int, words: int, seed: int) -> list[str]:
     """``n`` texts of about ``words`` words each (fixed, no data files needed)."""
     import numpy as np
@@ -61,32 +68,39 @@ def synthetic_texts(n: int, words: int, seed: int) -> list[str]:
             for _ in range(n)]
 
 
-def _rate(call: Any, texts: list[str], seconds: float) -> float:
-    """Texts/s of ``call(texts)``: the best of repeated calls for about ``seconds`` (one call at least)."""
-    best, spent = float("inf"), 0.0
-    while spent < seconds or best == float("inf"):
+def _rate(call: Any, sets: list[list[str]], seconds: float) -> float:
+    """Texts/s of ``call`` over the text sets in turn (one call each, cycling) for about ``seconds`` (one call at
+    least): each set pads to shapes the others do not, as a corpus's batches do (OpenVINO's int8 graphs take
+    up to 2x longer on a shape they have not run yet, ORT's about the same)."""
+    n, spent, i = 0, 0.0, 0
+    while spent < seconds or i == 0:
+        texts = sets[i % len(sets)]
         t0 = time.perf_counter()
         call(texts)
-        dt = time.perf_counter() - t0
-        best, spent = min(best, dt), spent + dt
-    return len(texts) / best
+        spent, n, i = spent + time.perf_counter() - t0, n + len(texts), i + 1
+    return n / spent
 
 
 def time_variant(model_dir: str, backend: str, precision: str, threads: int | None,
                  seconds: float = 2.0) -> dict[str, Any]:
-    """Texts/s of one variant on documents (~180 words, up to 16 a batch) and queries (~10 words, 32 a batch)
-    for about ``seconds`` in all, after a warm-up of every shape timed (compiles, allocations)."""
+    """Texts/s of one variant on documents (~300 words, up to 32 a batch) and queries (~10 words, 32 a batch)
+    for about ``seconds`` in all, after a warm-up (compiles, allocations); the timed texts are new to it."""
     from . import load
 
     model = load(model_dir, backend=backend, precision=precision, intra_op_num_threads=threads, verify=False)
     call = _call(model)
-    docs, queries = synthetic_texts(16, 180, 1), synthetic_texts(64, 10, 2)
+    warm = synthetic_texts(32, DOC_WORDS, 0)
+    call(warm[:2])  # the first call compiles and allocates: too slow to size the batches by
     t0 = time.perf_counter()
-    call(docs[:2])
+    call(warm[:2])
     per_doc = (time.perf_counter() - t0) / 2
-    docs = docs[:max(2, min(16, int(seconds / 4 / max(per_doc, 1e-6))))]  # a big model: fewer documents
-    call(docs)
-    call(queries)
+    # batches of 32 (the benchmarks' size: a smaller one ranks the variants differently) unless one would take
+    # longer than all the time given (a big model)
+    n_docs = max(2, min(32, int(seconds / max(per_doc, 1e-6))))
+    call(warm[:n_docs])
+    call(synthetic_texts(32, 10, 0))
+    docs = [synthetic_texts(n_docs, DOC_WORDS, seed) for seed in range(1, 9)]
+    queries = [synthetic_texts(32, 10, seed) for seed in range(101, 109)]
     out: dict[str, Any] = {"backend": backend, "precision": precision,
                            "documents_per_s": _rate(call, docs, seconds / 2),
                            "queries_per_s": _rate(call, queries, seconds / 2)}
