@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .backends import Backend, ProviderSpec, provider_names, resolve_providers, session_options
-from .batching import DEFAULT_TOKEN_BUDGET, Batch, check_buckets, pad, plan_batches
+from .batching import DEFAULT_TOKEN_BUDGET, Batch, check_buckets, merge_runs, pad, plan_batches
 from .cpu import cpu_flags
 from .iobinding import bucket_shapes
 from .manifest import ArtifactError, Graph, Manifest, read_manifest
@@ -363,21 +363,25 @@ class BgeModel(QueuedAPI):
                                 **self._backend_options)
 
     # ---- batched execution ------------------------------------------------------------------
-    def _plan_batches(self, lengths: Sequence[int], batch_size: int, multiple_of: int = 1) -> list[Batch]:
-        """How ``_run_batches`` cuts its inputs (bgert.runtime.batching); a family may override it."""
-        return plan_batches(lengths, self.length_buckets, self.token_budget, batch_size, multiple_of)
+    def _plan_batches(self, lengths: Sequence[int], batch_size: int, multiple_of: int = 1,
+                      run_cost_tokens: int = 0) -> list[Batch]:
+        """How ``_run_batches`` cuts its inputs (bgert.runtime.batching); a family may override it.
+        ``run_cost_tokens`` > 0: neighbouring buckets are merged where one run fewer pays (``merge_runs``)."""
+        batches = plan_batches(lengths, self.length_buckets, self.token_budget, batch_size, multiple_of)
+        return merge_runs(batches, run_cost_tokens, self.token_budget, batch_size)
 
     def _run_batches(self, sequences: Sequence[Sequence[int]], graph: Graph, output_names: Sequence[str],
                      batch_size: int | None = None, multiple_of: int = 1,
-                     padding_side: str | None = None,
-                     extra_inputs: Any = None) -> Iterator[tuple[Batch, list[np.ndarray], np.ndarray]]:
+                     padding_side: str | None = None, extra_inputs: Any = None,
+                     run_cost_tokens: int = 0) -> Iterator[tuple[Batch, list[np.ndarray], np.ndarray]]:
         """Yield (batch, outputs, attention_mask) per token-budget batch, longest first.
 
-        ``extra_inputs(batch, ids, mask)`` may return more named inputs for the graph.
+        ``extra_inputs(batch, ids, mask)`` may return more named inputs for the graph;
+        ``run_cost_tokens``: see ``_plan_batches``.
         """
         backend = self.backend_for(graph)
         lengths = [len(s) for s in sequences]
-        batches = self._plan_batches(lengths, batch_size or self.batch_size, multiple_of)
+        batches = self._plan_batches(lengths, batch_size or self.batch_size, multiple_of, run_cost_tokens)
         side = padding_side or self.tokenizer.padding_side
         for batch in progress(batches, enabled=self.show_progress_bar and len(batches) > 1,
                               desc=type(self).__name__, unit="batch"):
@@ -430,8 +434,10 @@ class BgeModel(QueuedAPI):
         """Run a prepared request at once, in the calling thread (the public methods do this)."""
         return request.finish(self.run_items(request.job, request.items, request.batch_size))
 
-    def run_items(self, job: Job, items: Sequence[Item], batch_size: int | None = None) -> list[Any]:
-        """One row per pre-tokenised item (``_rows``), in order, run in token-budget batches."""
+    def run_items(self, job: Job, items: Sequence[Item], batch_size: int | None = None,
+                  run_cost_tokens: int = 0) -> list[Any]:
+        """One row per pre-tokenised item (``_rows``), in order, run in token-budget batches
+        (``run_cost_tokens`` > 0: neighbouring buckets merged where that is cheaper, as the queue asks)."""
         graph = self._graph_of(job.graph)
         seqs = [it.ids for it in items]
         names = sorted({k for it in items for k in (it.extra or {})})
@@ -447,7 +453,8 @@ class BgeModel(QueuedAPI):
 
         rows: list[Any] = [None] * len(items)
         for batch, outs, mask in self._run_batches(seqs, graph, job.outputs, batch_size, job.multiple_of, side,
-                                                   extra_inputs=extra_inputs if names else None):
+                                                   extra_inputs=extra_inputs if names else None,
+                                                   run_cost_tokens=run_cost_tokens):
             for i, row in zip(batch.indices, self._rows(job, outs, mask, [seqs[i] for i in batch.indices])):
                 rows[i] = row
         return rows

@@ -146,11 +146,12 @@ class M3Embedder(BgeModel):
         return keys, tuple(h for h in ("dense", "sparse", "colbert") if h in heads)
 
     # ---- batching policy --------------------------------------------------------------------
-    def _plan_batches(self, lengths: Sequence[int], batch_size: int, multiple_of: int = 1) -> list[Batch]:
+    def _plan_batches(self, lengths: Sequence[int], batch_size: int, multiple_of: int = 1,
+                      run_cost_tokens: int = 0) -> list[Batch]:
         """On ORT CPU: texts whose bucket exceeds ``max_padded_length`` run unpadded, one length per
         batch (the flash-attention path); the rest are bucketed by the token budget as usual."""
         if self.backend_name != "ort" or self._on_gpu():
-            return super()._plan_batches(lengths, batch_size, multiple_of)
+            return super()._plan_batches(lengths, batch_size, multiple_of, run_cost_tokens)
         lengths = np.asarray(lengths, dtype=np.int64)
         buckets = np.asarray(self.length_buckets, dtype=np.int64)
         at = np.searchsorted(buckets, lengths)
@@ -164,7 +165,7 @@ class M3Embedder(BgeModel):
             step = max(1, min(batch_size, self.token_budget // n))
             batches += [Batch(indices=group[i:i + step], length=n) for i in range(0, len(group), step)]
         batches += [Batch(indices=short[b.indices], length=b.length)
-                    for b in super()._plan_batches(lengths[short], batch_size, multiple_of)]
+                    for b in super()._plan_batches(lengths[short], batch_size, multiple_of, run_cost_tokens)]
         return batches
 
     # ---- encoding ---------------------------------------------------------------------------

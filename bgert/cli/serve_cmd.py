@@ -34,10 +34,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="request body size at most (default 2,000,000)")
     p.add_argument("--max-queue-items", type=int, default=10_000,
                    help="inputs waiting per model at most; past it requests get 429 (default 10,000)")
+    p.add_argument("--max-batch-wait-ms", type=float, default=0.0,
+                   help="how long the oldest request may wait for its batch to fill (default 0: batches fill "
+                        "while the previous one runs)")
     p = parser.add_argument_group("models")
     p.add_argument("--precision", default=None, help="graph precision (default: the best that passed its gate)")
     p.add_argument("--providers", default=None, help="ORT execution providers, e.g. cuda or cpu")
-    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads per model (default: ORT's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads per lane (default: ORT's with one lane, cores / --lanes with more)")
+    p.add_argument("--lanes", type=int, default=None,
+                   help="workers running batches side by side per model, sharing its session (default 1; "
+                        "on the CPU each lane gets cores / N threads unless --threads says)")
     p.add_argument("--tokenizer-workers", type=int, default=None, help="tokenising threads per model (default: 4)")
     p = parser.add_argument_group("inputs, outputs and tracing")
     p.add_argument("--auto-truncate", action=argparse.BooleanOptionalAction, default=True,
@@ -75,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
                             max_client_batch_size=args.max_client_batch_size,
                             max_request_bytes=args.max_request_bytes, max_queue_items=args.max_queue_items,
                             api_key=args.api_key or None, tokenizer_workers=args.tokenizer_workers,
+                            lanes=args.lanes, max_wait_ms=args.max_batch_wait_ms,
                             auto_truncate=args.auto_truncate, int8_calibration=args.int8_calibration,
                             otlp_endpoint=args.otlp_endpoint, otlp_service_name=args.otlp_service_name)
     load_kwargs = {k: v for k, v in (("precision", args.precision), ("providers", args.providers),

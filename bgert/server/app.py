@@ -15,6 +15,7 @@ import contextlib
 import hmac
 import inspect
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -87,6 +88,8 @@ class ServerOptions:
     max_queue_items: int = 10_000
     api_key: str | None = None
     tokenizer_workers: int | None = None
+    lanes: int | None = None
+    max_wait_ms: float = 0.0
     auto_truncate: bool = True
     otlp_endpoint: str | None = None
     otlp_service_name: str | None = None
@@ -99,6 +102,7 @@ class Served:
     path: str
     model: Any = None
     caps: frozenset[str] = frozenset()
+    runtime: dict[str, Any] = field(default_factory=dict)
     ready_at: float | None = None  # epoch seconds: loaded and warmed up
     load_seconds: float | None = None
     int8_ranges: dict[str, Any] | None = None  # int8/uint8 calibration (output_types), else the manifest's
@@ -106,6 +110,66 @@ class Served:
     @property
     def queue(self) -> Any:
         return self.model.queue
+
+
+def _on_cpu(load_kwargs: dict[str, Any]) -> bool:
+    """Whether the model will run on the CPU (ORT's CPU provider, or OpenVINO): neither a GPU provider
+    nor Triton was asked for."""
+    from bgert.runtime.backends import provider_names, resolve_providers
+
+    if load_kwargs.get("backend") == "triton":
+        return False
+    if load_kwargs.get("backend") == "openvino":
+        return True
+    names = provider_names(resolve_providers(load_kwargs.get("providers")))
+    return all(n == "CPUExecutionProvider" for n in names)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def lane_plan(load_kwargs: dict[str, Any], lanes: int | None) -> tuple[int, dict[str, Any]]:
+    """How many lanes (queue workers) a model gets and the load arguments that go with them.
+
+    Default: one lane on all the cores (ORT's own thread count). Measured on a 2-core Xeon with
+    all-MiniLM-L6-v2 in one run (benchmarks/results/serve_bench_queries_lanes2.md), two single-threaded
+    lanes served 1.05x / 1.02x the queries/s of one lane at 16 / 64 clients but answered a lone client in
+    10.0 ms instead of 5.8 (p50): a run on one core is slower, and the spare core had little to do. On
+    the CPU, ``--lanes N`` gives each lane cores // N threads unless ``--threads`` says; GPUs and Triton get
+    the lanes asked for (default 1).
+    """
+    kw = dict(load_kwargs)
+    lanes = lanes or 1
+    if lanes > 1 and kw.get("intra_op_num_threads") is None and _on_cpu(kw):
+        kw["intra_op_num_threads"] = max(1, usable_cores() // lanes)
+    return lanes, kw
+
+
+def runtime_info(model: Any, path: str, lanes: int) -> dict[str, Any]:
+    """Which variant, backend, threads and lanes a loaded model runs, and why that variant (the runtime's
+    own account, bgert.runtime.autotune.explain)."""
+    from bgert.runtime.autotune import explain
+
+    threads = model._sess_options[0] if hasattr(model, "_sess_options") else None
+    try:
+        why = explain(path, threads)
+    except Exception as e:  # the account is informative only; never fail start-up on it
+        why = f"(no account: {type(e).__name__}: {e})"
+    from bgert.runtime.backends import provider_names
+
+    return {"precision": model.precision, "backend": model.backend_name,
+            "providers": provider_names(model.providers), "intra_op_threads": threads, "lanes": lanes,
+            "variant_reason": why}
+
+
+def describe_runtime(r: dict[str, Any]) -> str:
+    """One log line from ``runtime_info``."""
+    return (f"{r['backend']} {r['precision']} on {', '.join(r['providers']) or r['backend']}, {r['lanes']} lane(s) x "
+            f"{r['intra_op_threads'] or 'default'} thread(s); variant: {r['variant_reason']}")
 
 
 @dataclass
@@ -126,17 +190,21 @@ class ServerState:
         try:
             for s in self.served:
                 t = time.perf_counter()
-                s.model = load(s.path, **self.load_kwargs)
+                lanes, kw = lane_plan(self.load_kwargs, self.options.lanes)
+                s.model = load(s.path, **kw)
                 s.caps = capabilities(s.model)
                 s.model.start_queue(max_batch_tokens=self.options.max_batch_tokens,
                                     max_batch_items=self.options.max_batch_requests,
                                     max_queue_items=self.options.max_queue_items, on_full="raise",
                                     tokenizer_workers=self.options.tokenizer_workers,
-                                    observe=self.metrics.observer(s.name))
+                                    observe=self.metrics.observer(s.name), lanes=lanes,
+                                    max_wait_ms=self.options.max_wait_ms)
                 warm_up(s)
                 s.int8_ranges = int8_table(s, self.options.int8_calibration)
+                s.runtime = runtime_info(s.model, s.path, lanes)
                 s.load_seconds, s.ready_at = time.perf_counter() - t, time.time()
-                log.warning("bgert serve: %s ready (%s, %s)", s.name, type(s.model).__name__, ", ".join(sorted(s.caps)))
+                log.warning("bgert serve: %s ready (%s, %s): %s", s.name, type(s.model).__name__,
+                            ", ".join(sorted(s.caps)), describe_runtime(s.runtime))
             self.ready.set()
         except Exception as e:  # reported by /health and by the CLI, which exits 1
             self.error = f"{type(e).__name__}: {e}"
@@ -608,7 +676,8 @@ def create_app(state: ServerState) -> Any:
                            "matryoshka_dims": getattr(m.manifest.section, "matryoshka_dims", None) if m else None,
                            "int8_calibrated": s.int8_ranges is not None,
                            "ready": s.ready_at is not None, "ready_at": _iso(s.ready_at),
-                           "load_seconds": None if s.load_seconds is None else round(s.load_seconds, 3)})
+                           "load_seconds": None if s.load_seconds is None else round(s.load_seconds, 3),
+                           "runtime": s.runtime or None})
         first = models[0]
         return _json({**first, "models": models, "max_batch_tokens": o.max_batch_tokens,
                       "max_batch_requests": o.max_batch_requests, "max_client_batch_size": o.max_client_batch_size,
