@@ -57,9 +57,11 @@ def session_options(intra_op_num_threads: int | None = None, inter_op_num_thread
 class OrtBackend:
     """One ONNX Runtime InferenceSession. ``run`` is thread-safe (ORT sessions are)."""
 
-    def __init__(self, path: str, providers: Sequence[ProviderSpec], options: ort.SessionOptions):
+    def __init__(self, path: str, providers: Sequence[ProviderSpec], options: ort.SessionOptions,
+                 disabled_optimizers: Sequence[str] = ()):
         try:
-            self.session = ort.InferenceSession(path, sess_options=options, providers=list(providers))
+            self.session = ort.InferenceSession(path, sess_options=options, providers=list(providers),
+                                                disabled_optimizers=list(disabled_optimizers) or None)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             raise RuntimeError(f"onnxruntime could not load {path}: {e}") from e
         wanted = provider_names(providers)

@@ -18,6 +18,12 @@ from .providers import (CUDA, GPU_PROVIDERS, TENSORRT, ProviderError, ProviderSp
                         preload_gpu_libraries, provider_names, provider_options)
 
 
+#: ORT graph optimizers the CPU provider runs without: SkipLayerNormFusion would turn the int8 graphs' Add + Add +
+#: LayerNormalization back into SkipLayerNormalization, whose CPU kernel took twice as long in ORT 1.32
+#: (benchmarks/results/cpu_profile_*.md)
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
+
 def make_ort_backend(path: str, manifest: Any, graph: Any, providers: Sequence[ProviderSpec],
                      sess_options: ort.SessionOptions, shapes: Mapping[int, int], *,
                      io_binding: bool | None = None, cuda_graph: bool = False,
@@ -54,5 +60,5 @@ def make_ort_backend(path: str, manifest: Any, graph: Any, providers: Sequence[P
         if cuda_graph:
             raise ProviderError("cuda_graph=True needs IO binding (fixed input/output addresses); "
                                 "drop io_binding=False.")
-        return OrtBackend(path, full, sess_options)
+        return OrtBackend(path, full, sess_options, CPU_DISABLED_OPTIMIZERS if names == ["CPUExecutionProvider"] else ())
     return iobinding.IoBindingBackend(path, full, sess_options, shapes=shapes, cuda_graph=cuda_graph, device_id=device_id)
