@@ -9,6 +9,10 @@ PyTorch's, peak RSS of the variant's process, the CPU's flags (JSON + Markdown i
 
     python -m bgert.benchmarks.cpu_variants            # bundled all-MiniLM-L6-v2, exported on first use
     python -m bgert.benchmarks.cpu_variants --artifact ART --model CKPT --threads 2 --rounds 3
+
+"bgert default" is what a load that names no variant gets: its first load measures (a fresh tune cache under
+--work), so the row says which variant that measurement chose and why. The peers whose packages conflict with
+the project's pins run in venvs of their own (benchmarks/envs/make_st_openvino_env.sh, make_st_onnx_env.sh).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +28,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-ST_OPENVINO_PYTHON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "envs", "st-openvino", "bin", "python")
+#: the peers whose packages conflict with the project's venv run in venvs of their own (benchmarks/envs/make_*_env.sh)
+PEER_ENVS = {"st-openvino": "st-openvino", "st-onnx-int8": "st-onnx"}
+ENVS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "envs")
 
 
 def variants(art: str) -> list[str]:
@@ -33,7 +40,7 @@ def variants(art: str) -> list[str]:
     from bgert.runtime.openvino_backend import openvino_available
 
     m = read_manifest(art, verify=False)
-    out = ["torch", "st-onnx-int8", "st-openvino"]
+    out = ["torch", "st-onnx-int8", "st-openvino", "bgert default"]
     for backend in ("ort", "openvino") if openvino_available() else ("ort",):
         for p in m.precisions():
             graphs = [g for g in m.graphs if g.precision == p]
@@ -49,7 +56,6 @@ def _st_onnx_int8(model_dir: str, work: str, threads: int) -> Callable[[list[str
     """sentence-transformers' backend='onnx' with its own dynamic int8 export (the avx2 preset here, the
     avx512_vnni one on VNNI CPUs)."""
     import glob
-    import shutil
 
     from sentence_transformers import SentenceTransformer, export_dynamic_quantized_onnx_model
 
@@ -81,8 +87,6 @@ def make_call(variant: str, art: str, model_dir: str, work: str, threads: int) -
     if variant == "st-onnx-int8":
         return _st_onnx_int8(model_dir, work, threads)
     if variant == "st-openvino":  # needs optimum-intel: benchmarks/envs/make_st_openvino_env.sh
-        import shutil
-
         from sentence_transformers import SentenceTransformer
 
         d = os.path.join(work, "st-openvino")
@@ -94,6 +98,13 @@ def make_call(variant: str, art: str, model_dir: str, work: str, threads: int) -
         return lambda texts: m.encode(texts, batch_size=32, normalize_embeddings=True)
     from bgert.runtime import load
 
+    if variant == "bgert default":  # what a load that names no variant gets: measured on its first load here
+        t0 = time.perf_counter()
+        model = load(art, intra_op_num_threads=threads, verify=False)
+        call = lambda texts: model.encode(texts, batch_size=32)  # noqa: E731
+        call.chosen = {"chosen": f"{model.backend_name} {model.precision}", "chosen_by": model.chosen_by,
+                       "load_s": round(time.perf_counter() - t0, 1)}  # the first round's includes the measurement
+        return call
     _, backend, precision = variant.split()
     model = load(art, backend=backend, precision=precision, intra_op_num_threads=threads, verify=False)
     return lambda texts: model.encode(texts, batch_size=32)
@@ -112,6 +123,7 @@ def worker(variant: str, art: str, model_dir: str, work: str, threads: int, vect
         if vectors:
             np.save(f"{vectors}.{name}.npy", vecs)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out.update(getattr(call, "chosen", {}))
     return out
 
 
@@ -143,6 +155,8 @@ def int8_op_counts(art: str) -> dict[str, dict[str, list[int]]]:
     import onnx
     import onnxruntime as ort
 
+    from bgert.runtime.ort_backend import CPU_DISABLED_OPTIMIZERS
+
     out = {}
     for f in ("model.int8.onnx", "model.int8-vnni.onnx"):
         path = os.path.join(art, f)
@@ -152,10 +166,12 @@ def int8_op_counts(art: str) -> dict[str, dict[str, list[int]]]:
         so.log_severity_level = 3
         with tempfile.TemporaryDirectory() as tmp:
             so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-            ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(path, so, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS))  # as the runtime runs it
             after = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
         before = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
-        keep = {"Mul", "Cast", "MatMul", "MatMulInteger", "DynamicQuantizeLinear"}
+        keep = {"Mul", "Cast", "MatMul", "MatMulInteger", "DynamicQuantizeLinear", "SkipLayerNormalization",
+                "LayerNormalization"}
         out[f] = {k: [before.get(k, 0), after.get(k, 0)] for k in sorted(set(before) | set(after))
                   if k in keep or before.get(k, 0) != after.get(k, 0)}
     return out
@@ -175,7 +191,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     art = ensure_artifact(args.artifact, model_dir, args.work)
     names = variants(art)
     env = {**os.environ, "BGERT_BENCH_DOCS": str(args.docs), "BGERT_BENCH_QUERIES": str(args.queries),
-           "OMP_NUM_THREADS": str(args.threads)}
+           "OMP_NUM_THREADS": str(args.threads), "BGERT_TUNE": "auto",  # "bgert default" measures on its first load
+           "BGERT_CACHE_DIR": os.path.join(os.path.abspath(args.work), "cache")}
+    env.pop("BGERT_VARIANT", None)
+    shutil.rmtree(env["BGERT_CACHE_DIR"], ignore_errors=True)  # a fresh first load: what a new machine gets
+    loadavg = [_loadavg()]
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in names}
     for r in range(args.rounds):
         for v in names:
@@ -183,7 +203,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue  # a variant that cannot run here is tried once
             vec = os.path.join(args.work, "vectors", v.replace(" ", "_")) if r == 0 else ""
             os.makedirs(os.path.dirname(vec or os.path.join(args.work, "vectors", "x")), exist_ok=True)
-            python = args.st_openvino_python if v == "st-openvino" else sys.executable
+            python = os.path.join(args.peer_envs, PEER_ENVS[v], "bin", "python") if v in PEER_ENVS else sys.executable
+            if not os.path.isfile(python):
+                runs[v].append({"error": f"no venv {python}: make it with benchmarks/envs/make_{PEER_ENVS[v].replace('-', '_')}_env.sh"})
+                continue
             cmd = [python, "-m", "bgert.benchmarks.cpu_variants", "--worker", v, "--artifact", art,
                    "--model", model_dir, "--work", args.work, "--threads", str(args.threads), "--vectors", vec]
             p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -193,6 +216,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 runs[v].append(json.loads(p.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1} {v}: {runs[v][-1]}", file=sys.stderr)
+    loadavg.append(_loadavg())
     ref = {s: np.load(os.path.join(args.work, "vectors", f"torch.{s}.npy")) for s in ("documents", "queries")}
     rows = []
     for v in names:
@@ -200,7 +224,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not ok:
             rows.append({"variant": v, "error": runs[v][-1]["error"]})
             continue
-        row: dict[str, Any] = {"variant": v, "rounds": len(ok), "peak_rss_mb": max(x["peak_rss_mb"] for x in ok)}
+        row: dict[str, Any] = {"variant": v, "rounds": len(ok), "peak_rss_mb": max(x["peak_rss_mb"] for x in ok),
+                               **{k: ok[-1][k] for k in ("chosen", "chosen_by") if k in ok[-1]}}
+        if "load_s" in ok[0]:
+            row["first_load_s"] = ok[0]["load_s"]  # round 1: the first load on this machine, measurement included
         for s in ("documents", "queries"):
             row[f"{s}_per_s"] = max(x[f"{s}_per_s"] for x in ok)
             row[f"cos_mean_{s}"], row[f"cos_min_{s}"] = cosines(
@@ -213,13 +240,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 r[f"x_{s}"] = r[f"{s}_per_s"] / base[f"{s}_per_s"]
     from bgert.runtime.autotune import explain
 
+    os.environ["BGERT_CACHE_DIR"] = env["BGERT_CACHE_DIR"]  # explain() reads what "bgert default" measured
+
     from bgert.runtime.manifest import read_manifest
 
     name = (read_manifest(art, verify=False).get("source") or {}).get("name") or os.path.basename(art)
     return {"model": os.path.basename(os.path.normpath(name)), "artifact": art, "threads": args.threads,
             "documents": args.docs, "queries": len(ref["queries"]), "batch_size": 32, "rounds": args.rounds,
             "machine": machine_info(), "command": command_line(), "rows": rows,
-            "default_here": explain(art, args.threads), "int8_ops": int8_op_counts(art)}
+            "loadavg": loadavg, "default_here": explain(art, args.threads), "int8_ops": int8_op_counts(art)}
+
+
+def _loadavg() -> str:
+    with open("/proc/loadavg", encoding="utf-8") as f:
+        return f.read().strip()
 
 
 LABELS = {"torch": "PyTorch fp32 (sentence-transformers)", "st-onnx-int8": "sentence-transformers ONNX int8",
@@ -232,11 +266,15 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# CPU variants: {result['model']}", "",
              f"Machine: {describe(result['machine'])}. {result['threads']} threads, batch 32, "
              f"{result['documents']} SciFact documents and {result['queries']} queries, best of {result['rounds']} "
-             "interleaved rounds, each variant in its own process. Command: `" + result["command"] + "`", "",
+             "interleaved rounds, each variant in its own process. /proc/loadavg before and after: "
+             + " → ".join(f"`{x}`" for x in result.get("loadavg", [])) + ". Command: `" + result["command"] + "`", "",
              "| variant | docs/s | × docs | queries/s | × queries | cos mean / min docs | cos mean / min queries "
              "| peak RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         name = LABELS.get(r["variant"], r["variant"])
+        if "chosen" in r:
+            first = f"; first load {r['first_load_s']} s" if "first_load_s" in r else ""
+            name += f" (chose {r['chosen']}: {r['chosen_by']}{first})"
         if "error" in r:
             lines.append(f"| {name} | not run: {r['error'][:160]} | | | | | | |")
             continue
@@ -261,9 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--work", default="bench-work/cpu_variants", help="exported artifact, peer models, vectors")
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--st-openvino-python", default=ST_OPENVINO_PYTHON,
-                   help="Python of the env with optimum-intel for sentence-transformers' OpenVINO backend "
-                        "(made by benchmarks/envs/make_st_openvino_env.sh; it needs a newer optimum than our pins)")
+    p.add_argument("--peer-envs", default=ENVS,
+                   help="folder of the peers' venvs: st-openvino (optimum-intel, benchmarks/envs/make_st_openvino_env.sh) "
+                        "and st-onnx (optimum-onnx, make_st_onnx_env.sh); a peer whose venv is missing is reported "
+                        "as not run")
+    p.add_argument("--name", help="results file stem (default cpu_variants_<model name in the manifest>)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--vectors", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -273,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     from .report import write_report
 
     result = run(args)
-    stem = write_report(args.out, f"cpu_variants_{result['model']}", result, markdown(result))
+    stem = write_report(args.out, args.name or f"cpu_variants_{result['model']}", result, markdown(result))
     print(markdown(result))
     print(f"written: {stem}.json, {stem}.md", file=sys.stderr)
     return 0

@@ -43,7 +43,10 @@ def _session(path: str, threads: int, profile: str | None = None) -> Any:
     so.log_severity_level = 3
     if profile:
         so.enable_profiling, so.profile_file_prefix = True, profile
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    from bgert.runtime.ort_backend import CPU_DISABLED_OPTIMIZERS  # as the runtime's CPU sessions run
+
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS))
 
 
 def gemm_graph(kind: str, k: int, n: int, path: str) -> None:
@@ -80,12 +83,14 @@ def gemm_graph(kind: str, k: int, n: int, path: str) -> None:
 GEMM_KINDS = ("fp32", "fp16", "int8 dynamic", "int8 static")
 
 
-def gemm_ceiling(shapes: list[tuple[int, int]], tokens: int, threads: int, rounds: int) -> list[dict[str, Any]]:
+def gemm_ceiling(shapes: list[tuple[int, int]], tokens: int, threads: int, rounds: int,
+                 kinds: tuple[str, ...] = GEMM_KINDS) -> list[dict[str, Any]]:
+    """GFLOP/s of one-node GEMM graphs of each shape and kind (best of ``rounds``): what ORT's kernels reach."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="bgert-gemm-") as tmp:
         for k, n in shapes:
             x = np.random.default_rng(1).normal(size=(tokens, k)).astype(np.float32)
-            for kind in GEMM_KINDS:
+            for kind in kinds:
                 path = os.path.join(tmp, f"{kind.replace(' ', '_')}_{k}_{n}.onnx")
                 gemm_graph(kind, k, n, path)
                 sess = _session(path, threads)

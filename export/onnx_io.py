@@ -90,8 +90,52 @@ def optimize(path: str, model_type: Any, num_heads: int = 0, hidden_size: int = 
 
     opt = fuse(path, model_type, num_heads, hidden_size)
     stats = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    unfused = unfuse_skip_layer_norm(opt.model)
+    if unfused:
+        stats["SkipLayerNormalization"] = stats.get("SkipLayerNormalization", 0) - unfused
+        stats["LayerNormalization (from SkipLayerNormalization)"] = unfused
+        stats = {k: v for k, v in stats.items() if v}
     external = os.path.getsize(path) > EXTERNAL_DATA_THRESHOLD or any(
         f.endswith(".data") for f in os.listdir(os.path.dirname(path) or "."))
     opt.save_model_to_file(path, use_external_data_format=external)
     onnx.checker.check_model(path)
     return stats
+
+
+def unfuse_skip_layer_norm(model: Any) -> int:
+    """Replace every com.microsoft SkipLayerNormalization of ``model`` by Add (input + bias) + Add (+ skip) +
+    LayerNormalization, in place; returns how many were replaced.
+
+    ORT 1.32's CPU SkipLayerNormalization kernel takes 1.4-2x as long as Add + Add + LayerNormalization on
+    [32, 256, 384] (benchmarks/results/cpu_profile_*.md). The runtime's CPU sessions keep ORT from fusing it back
+    (bgert.runtime.ort_backend); on CUDA ORT's own SkipLayerNormFusion fuses it again at session start, and
+    TensorRT runs LayerNormalization natively, so every graph gets this form.
+    Needs opset 17 (LayerNormalization); an optional mean / inverse-std output that something reads is left
+    fused.
+    """
+    from onnx import helper
+
+    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 17:
+        return 0
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    out, n_done = [], 0
+    for n in model.graph.node:
+        if n.domain != "com.microsoft" or n.op_type != "SkipLayerNormalization" or len(n.input) < 3 or any(
+                o in used for o in list(n.output)[1:3] if o):
+            out.append(n)
+            continue
+        eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-12)
+        x, skip, gamma = n.input[0], n.input[1], n.input[2]
+        beta = n.input[3] if len(n.input) > 3 and n.input[3] else ""
+        bias = n.input[4] if len(n.input) > 4 and n.input[4] else ""
+        total = n.output[3] if len(n.output) > 3 and n.output[3] else f"{n.name}_bgert_sum"
+        if bias:
+            out.append(helper.make_node("Add", [x, bias], [f"{n.name}_bgert_biased"], name=f"{n.name}_bgert_bias"))
+            x = f"{n.name}_bgert_biased"
+        out.append(helper.make_node("Add", [x, skip], [total], name=f"{n.name}_bgert_skip"))
+        out.append(helper.make_node("LayerNormalization", [total, gamma] + ([beta] if beta else []), [n.output[0]],
+                                    name=f"{n.name}_bgert_ln", axis=-1, epsilon=eps))
+        n_done += 1
+    del model.graph.node[:]
+    model.graph.node.extend(out)
+    return n_done

@@ -8,7 +8,8 @@ beside it, measures it and records the result in the manifest entry of the graph
 - ``fp16``: ORT's transformer optimizer with the family's model type, then float16 with fp32 inputs and
   outputs; norm statistics (Pow, ReduceMean, Sqrt), reductions and Softmax stay fp32.
 - ``int8``: dynamic quantization for CPUs, per-channel signed weights, smoothed activations and the most
-  sensitive nodes in fp32 (bgert.export.quantize). Two graphs: ``int8`` with 7-bit weights
+  sensitive nodes in fp32 (bgert.export.quantize): as few as the calibration text allows (FP32_NODE_LADDER,
+  each fp32 MatMul is a fp32 GEMM in an int8 graph). Two graphs: ``int8`` with 7-bit weights
   (reduce_range), which holds its gate on every CPU, and ``int8-vnni`` with full-range weights, which is
   better but saturates in u8×s8 products on CPUs without VNNI: the runtime picks it only on VNNI CPUs.
 - ``int8-static``: QDQ with activation ranges calibrated on real text (TensorRT's form, also run by the
@@ -33,8 +34,9 @@ chosen by default.
 Options (``bgert.export.export(..., **options)``): ``keep_failed``, ``gates`` ({precision: {metric:
 value}}), ``calibration`` (a .jsonl with text/title fields or a .txt with one text per line),
 ``calibration_size``, ``quality_size``, ``calibration_method`` ("minmax" or "percentile"),
-``calibration_percentile``, ``int8_smooth`` ("auto", an alpha, or None), ``int8_fp32_nodes`` (fraction
-or count of quantizable nodes kept fp32), ``int8_isa_variant`` (write int8-vnni, default True),
+``calibration_percentile``, ``int8_smooth`` ("auto", an alpha, or None), ``int8_fp32_nodes`` ("auto": for the
+dynamic graphs the fewest of FP32_NODE_LADDER that clears the gate on the calibration text with a margin, for
+int8-static a quarter; or a fraction or count of quantizable nodes kept fp32), ``int8_isa_variant`` (write int8-vnni, default True),
 ``static_activations`` ("uint8", or "int8" symmetric for TensorRT).
 """
 from __future__ import annotations
@@ -90,7 +92,7 @@ class Settings:
     calibration_method: str = "minmax"
     calibration_percentile: float = 99.99
     int8_smooth: str | float | None = "auto"
-    int8_fp32_nodes: float = 0.25
+    int8_fp32_nodes: float | str = "auto"
     int8_isa_variant: bool = True
     static_activations: str = "uint8"
 
@@ -99,8 +101,9 @@ class Settings:
         s = cls(**{k: options[k] for k in cls.__dataclass_fields__ if options.get(k) is not None})
         if s.calibration_method not in ("minmax", "percentile"):
             raise ExportError(f"calibration_method must be 'minmax' or 'percentile', got {s.calibration_method!r}")
-        if s.int8_fp32_nodes < 0 or s.calibration_size < 1 or s.quality_size < 1:
-            raise ExportError(f"int8_fp32_nodes must be >= 0 (a fraction < 1 or a count) and calibration_size, "
+        if s.int8_fp32_nodes != "auto" and (not isinstance(s.int8_fp32_nodes, (int, float)) or s.int8_fp32_nodes < 0) \
+                or s.calibration_size < 1 or s.quality_size < 1:
+            raise ExportError(f"int8_fp32_nodes must be 'auto' or >= 0 (a fraction < 1 or a count) and calibration_size, "
                               f"quality_size >= 1; got {s.int8_fp32_nodes}, {s.calibration_size}, {s.quality_size}")
         if not 50 < s.calibration_percentile <= 100:
             raise ExportError(f"calibration_percentile must lie in (50, 100], got {s.calibration_percentile}")
@@ -476,36 +479,79 @@ def _build(tmp_dir: str, g: dict[str, Any], work: str, spec: Any, hf_tok: Any, r
     stats = _cached(spec, ("stats", g["file"]), lambda: q.activation_stats(src, tgts, calib_feeds()))
     out = []
     flavours = [("int8-static", True)] if static else [("int8", True)] + ([(VNNI, False)] if s.int8_isa_variant else [])
+    ladder = ((STATIC_FP32_NODES,) if static else FP32_NODE_LADDER) if s.int8_fp32_nodes == "auto" \
+        else (float(s.int8_fp32_nodes),)
+    calib_batches = [f for f, _ in calib_feeds()]
     for p, reduce_range in flavours:
-        qmax = q.QMAX_REDUCED if reduce_range else q.QMAX_FULL
-        chosen = q.plan(model, tgts, stats, qmax, s.int8_smooth, s.int8_fp32_nodes)
-        pre_model = q.apply_smoothing(_copy_model(model), tgts, chosen.smooth)
-        pre = q.save(pre_model, os.path.join(work, f"{p}-{os.path.basename(g['file'])}"))
-        dst = variant_file(g["file"], p)
-        recipe: dict[str, Any] = {"weights": "int8 per-channel symmetric" + (", 7-bit (reduce_range)" if reduce_range
-                                                                           else ", full range"),
-                                  "calibration_texts": len(calib), **chosen.summary()}
-        if static:
-            smoothed = q.targets(pre_model)  # the same nodes, reading the smoothed activations
-            pre_stats = q.activation_stats(pre, smoothed, calib_feeds(),
-                                           keep_values=s.calibration_method == "percentile")
-            ranges = q.activation_ranges(pre_stats, {t.act for t in smoothed}, s.calibration_method,
-                                         s.calibration_percentile)
-            q.quantize_static(pre_model, os.path.join(tmp_dir, dst), smoothed, chosen.excluded, ranges, reduce_range,
-                              s.static_activations == "int8")
-            recipe.update(format="QDQ", activations=s.static_activations + " per tensor, calibrated",
-                          calibration_method=s.calibration_method, matmul_outputs="float")
-            exact = os.path.join(tmp_dir, dst)  # a QDQ graph run without fusions is exact arithmetic
-        else:
-            q.quantize_dynamic(pre, os.path.join(tmp_dir, dst), tgts, chosen.excluded, reduce_range)
-            recipe.update(activations="uint8 per tensor, dynamic")
-            emu = q.exact_int8_graph(q.load(pre), q.load(os.path.join(tmp_dir, dst)), tgts)
-            exact = q.save(emu, os.path.join(work, f"{p}-exact-{os.path.basename(g['file'])}")) if emu else None
-        entry = {"file": dst, "precision": p, **base, "recipe": recipe}
-        if not reduce_range:
-            entry["requires_cpu_flags"] = VNNI_FLAGS
+        tried = []
+        for i, fraction in enumerate(ladder):
+            entry, exact = _int8_graph(tmp_dir, g, work, model, tgts, stats, calib_feeds, base, p, reduce_range,
+                                       fraction, len(calib), s)
+            if i == len(ladder) - 1:
+                break
+            # the fewest fp32 nodes whose int8 error on the calibration text clears the gate with a margin (the
+            # held-out gate in _measure decides); exact arithmetic for a graph this CPU would run saturated
+            run_exact = exact is not None and (static or (not reduce_range and not cpu_int8_dot_exact()))
+            ref = _cached(spec, ("fp32 calibration outputs", g["file"]), lambda: graph_outputs(src, calib_batches))
+            got = graph_outputs(exact if run_exact else os.path.join(tmp_dir, entry["file"]), calib_batches,
+                                exact=run_exact)
+            summary = summarize({"calibration": compare(ref, got, output_types(raw["kind"], list(ref)))})
+            tried.append({"fp32_nodes": len(entry["recipe"]["fp32_nodes"]), **summary})
+            if not gate_failures(summary, _with_margin(s.gate(p))):
+                break
+        entry["recipe"]["fp32_node_search"] = tried
         out.append((p, entry, exact))
     return out
+
+
+#: fractions of the quantizable nodes kept fp32 (largest int8 error first) that ``int8_fp32_nodes="auto"`` tries,
+#: fewest first: each fp32 MatMul costs a fp32 GEMM where int8 runs several times faster
+FP32_NODE_LADDER = (0.0, 0.05, 0.1, 0.25)
+#: int8-static keeps a quarter fp32 under "auto": its ranges are calibrated, and text unlike the calibration
+#: set clips where dynamic ranges would not (BGE-M3's ColBERT rows on repeated tokens: mean 0.985 with none
+#: kept, tests/test_m3.py), so the calibration text cannot tell how few it may keep
+STATIC_FP32_NODES = 0.25
+#: the calibration-text quality a rung of the ladder must reach: this share of each gate's distance to 1
+GATE_MARGIN = 0.7
+
+
+def _with_margin(gate: dict[str, float]) -> dict[str, float]:
+    return {k: 1 - (1 - v) * GATE_MARGIN for k, v in gate.items()}
+
+
+def _int8_graph(tmp_dir: str, g: dict[str, Any], work: str, model: Any, tgts: list[q.Target], stats: q.ActStats,
+                calib_feeds: Any, base: dict[str, Any], p: str, reduce_range: bool, fp32_nodes: float,
+                n_calib: int, s: Settings) -> tuple[dict[str, Any], str | None]:
+    """One int8 graph of fp32 graph ``g`` (dynamic, or static QDQ for int8-static) with ``fp32_nodes`` kept fp32:
+    (its manifest entry, its exact-arithmetic graph or None)."""
+    static = p == "int8-static"
+    qmax = q.QMAX_REDUCED if reduce_range else q.QMAX_FULL
+    chosen = q.plan(model, tgts, stats, qmax, s.int8_smooth, fp32_nodes)
+    pre_model = q.apply_smoothing(_copy_model(model), tgts, chosen.smooth)
+    pre = q.save(pre_model, os.path.join(work, f"{p}-{os.path.basename(g['file'])}"))
+    dst = variant_file(g["file"], p)
+    recipe: dict[str, Any] = {"weights": "int8 per-channel symmetric" + (", 7-bit (reduce_range)" if reduce_range
+                                                                       else ", full range"),
+                              "calibration_texts": n_calib, **chosen.summary()}
+    if static:
+        smoothed = q.targets(pre_model)  # the same nodes, reading the smoothed activations
+        pre_stats = q.activation_stats(pre, smoothed, calib_feeds(), keep_values=s.calibration_method == "percentile")
+        ranges = q.activation_ranges(pre_stats, {t.act for t in smoothed}, s.calibration_method,
+                                     s.calibration_percentile)
+        q.quantize_static(pre_model, os.path.join(tmp_dir, dst), smoothed, chosen.excluded, ranges, reduce_range,
+                          s.static_activations == "int8")
+        recipe.update(format="QDQ", activations=s.static_activations + " per tensor, calibrated",
+                      calibration_method=s.calibration_method, matmul_outputs="float")
+        exact = os.path.join(tmp_dir, dst)  # a QDQ graph run without fusions is exact arithmetic
+    else:
+        q.quantize_dynamic(pre, os.path.join(tmp_dir, dst), tgts, chosen.excluded, reduce_range)
+        recipe.update(activations="uint8 per tensor, dynamic")
+        emu = q.exact_int8_graph(q.load(pre), q.load(os.path.join(tmp_dir, dst)), tgts)
+        exact = q.save(emu, os.path.join(work, f"{p}-exact-{os.path.basename(g['file'])}")) if emu else None
+    entry = {"file": dst, "precision": p, **base, "recipe": recipe}
+    if not reduce_range:
+        entry["requires_cpu_flags"] = VNNI_FLAGS
+    return entry, exact
 
 
 def _measure(tmp_dir: str, raw: dict[str, Any], spec: Any, hf_tok: Any, precision: str,

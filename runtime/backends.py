@@ -58,9 +58,10 @@ class OrtBackend:
     """One ONNX Runtime InferenceSession. ``run`` is thread-safe (ORT sessions are)."""
 
     def __init__(self, path: str, providers: Sequence[ProviderSpec], options: ort.SessionOptions,
-                 run_options: ort.RunOptions | None = None):
+                 run_options: ort.RunOptions | None = None, disabled_optimizers: Sequence[str] = ()):
         try:
-            self.session = ort.InferenceSession(path, sess_options=options, providers=list(providers))
+            self.session = ort.InferenceSession(path, sess_options=options, providers=list(providers),
+                                                disabled_optimizers=list(disabled_optimizers) or None)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             raise RuntimeError(f"onnxruntime could not load {path}: {e}") from e
         wanted = provider_names(providers)

@@ -75,6 +75,17 @@ def graph_backend(g: Graph) -> str:
 #: provider / backend (on CPU, only graphs that run well here count: int8-vnni only where int8 dot products
 #: are exact, bf16 only with AMX-BF16 / AVX512-BF16)
 CPU_PREFERENCE = ("int8-vnni", "int8", "fp32", "int8-static", "fp16")
+#: without int8 dot products (AVX2-only x86) an int8 GEMM runs at about the fp32 rate, and the int8 graph's
+#: quantize and smoothing ops cost more than it saves (AMD EPYC: int8 1.00x documents, 0.96x queries of fp32,
+#: docs/precision.md): fp32 first where nothing was measured
+CPU_PREFERENCE_NO_INT8_DOT = ("fp32", "int8", "int8-static", "fp16")
+
+
+def cpu_preference() -> tuple[str, ...]:
+    """The fixed CPU order for this CPU (used where nothing was measured)."""
+    return CPU_PREFERENCE if cpu_int8_dot_exact() else CPU_PREFERENCE_NO_INT8_DOT
+
+
 GPU_PREFERENCE = ("fp16", "fp32", "int8-static", "int8")
 OPENVINO_PREFERENCE = ("bf16", "fp32", "ov-int8")
 
@@ -86,7 +97,7 @@ def default_precision(manifest: Manifest, on_gpu: bool, backend: str = "ort",
     the backend's first preference among those, else any that passed; None when none passed."""
     from .tuning import fastest
 
-    prefs = GPU_PREFERENCE if on_gpu else OPENVINO_PREFERENCE if backend == "openvino" else CPU_PREFERENCE
+    prefs = GPU_PREFERENCE if on_gpu else OPENVINO_PREFERENCE if backend == "openvino" else cpu_preference()
     passed = {g.precision for g in manifest.graphs if g.gate_passed and (on_gpu or graph_runs_well_here(g))
               and graph_backend(g) in ("any", backend)}
     if backend == "openvino":
@@ -95,6 +106,25 @@ def default_precision(manifest: Manifest, on_gpu: bool, backend: str = "ort",
     if measured is not None:
         return measured["precision"]
     return next((p for p in (*prefs, *manifest.precisions()) if p in passed), None)
+
+
+def tune_candidates(m: Manifest) -> list[tuple[str, str]]:
+    """(backend, precision) pairs worth timing here: gated, runnable on this CPU and backend; the likely
+    fastest first (the fixed orders), so a measurement cut short by its budget keeps them."""
+    from .openvino_backend import openvino_available
+
+    order = {p: i for i, p in enumerate(cpu_preference())}
+    ov_order = {p: i for i, p in enumerate(OPENVINO_PREFERENCE)}
+    backends = ["ort"] + (["openvino"] if openvino_available() else [])
+    out = []
+    for b in backends:
+        for p in sorted(m.precisions(), key=lambda p: (order if b == "ort" else ov_order).get(p, 99)):
+            graphs = [g for g in m.graphs if g.precision == p]
+            if p == "fp16" or not all(g.gate_passed and graph_runs_well_here(g) for g in graphs):
+                continue  # fp16 is a GPU graph; a failed or unmeasured gate is never a default
+            if all(graph_backend(g) in (b, "any") for g in graphs) and (b == "ort" or p in ov_order):
+                out.append((b, p))
+    return out
 
 
 #: on the CPU provider a batch costs what its padded tokens cost, whatever its shape: batches are padded
@@ -169,7 +199,7 @@ class BgeModel(QueuedAPI):
                  graph_optimization_level: str = "all", sess_options: Any = None,
                  token_budget: int | None = None, batch_size: int = 256,
                  length_buckets: Sequence[int] | None = None, verify: bool | str = True,
-                 backend: str = "ort", show_progress_bar: bool = False, window_size: int = DEFAULT_WINDOW_SIZE,
+                 backend: str | None = None, show_progress_bar: bool = False, window_size: int = DEFAULT_WINDOW_SIZE,
                  **backend_options: Any):
         self.model_dir = os.fspath(model_dir)
         _drop_reference_only_options(backend_options)
@@ -190,17 +220,13 @@ class BgeModel(QueuedAPI):
         self.window_size = window_length(int(window_size), 1)  # items tokenised and run at once (runtime.windows)
         self.length_buckets = check_buckets(length_buckets or self.manifest.length_buckets, self.max_length)
         self.show_progress_bar = show_progress_bar
-        self.tuning = None
-        if backend == "auto":  # the fastest variant measured here (bgert tune), else ORT
-            from .tuning import fastest, read_tuning
-
-            self.tuning = read_tuning(self.model_dir, intra_op_num_threads)
-            best = fastest(self.tuning, None, [precision] if precision else self.manifest.precisions())
-            backend = best["backend"] if best else "ort"
+        self.tuning: dict[str, Any] | None = None
+        backend, precision, self.chosen_by = self._choose_variant(backend, precision, providers, intra_op_num_threads,
+                                                                  backend_options)
         self.backend_name = backend
         self._backend_options = backend_options
         self._lock = threading.Lock()
-        self._backends: dict[str, Backend] = {}
+        self._backends: dict[tuple[str, str], Backend] = {}
         if backend == "ort":
             self.providers = resolve_providers(providers)
             check_backend_options(backend_options)  # io_binding, cuda_graph, tensorrt_* (bgert.runtime.providers)
@@ -227,6 +253,52 @@ class BgeModel(QueuedAPI):
         self.precision = self._choose_precision(precision)
 
     # ---- graph selection -------------------------------------------------------------------
+    def _choose_variant(self, backend: str | None, precision: str | None, providers: Any, threads: int | None,
+                        backend_options: Mapping[str, Any]) -> tuple[str, str | None, str]:
+        """(backend, precision or None for the backend's default, how it was chosen).
+
+        What the caller names wins; then BGERT_VARIANT; then, on the CPU, the fastest gated variant measured on
+        this machine (bgert.runtime.autotune.measure_once: the first default load measures, once per artifact
+        and machine); else ORT and the fixed order. ``backend=None`` (or ``"auto"``) lets the measurement pick
+        the backend too, unless ORT-only arguments (providers, ORT options) or a precision that only one
+        backend runs (bf16, ov-int8: OpenVINO) settle it.
+        """
+        from .openvino_backend import OPENVINO_BACKEND_OPTIONS
+        from .tuning import fastest, variant_override
+
+        env_backend, env_precision = (None, None) if precision else variant_override()
+        on_gpu = backend in (None, "auto", "ort") and any(
+            p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in provider_names(
+                resolve_providers(providers)))
+        if backend not in (None, "auto"):
+            if env_precision and env_backend not in (None, backend):
+                log.warning("bgert: BGERT_VARIANT=%s:%s ignored: this load asks for backend=%r", env_backend,
+                            env_precision, backend)
+                env_backend = env_precision = None
+        else:
+            named = {graph_backend(g) for g in self.manifest.graphs if g.precision == (precision or env_precision)}
+            backend = (sorted(named - {"any"})[0] if named - {"any"} else env_backend if env_backend
+                       else "ort" if on_gpu or providers not in (None, "auto") or (
+                           backend_options and not set(backend_options) & set(OPENVINO_BACKEND_OPTIONS))
+                       else "openvino" if backend_options else None)
+        if precision:
+            return backend or "ort", precision, "asked"
+        if env_precision:
+            return backend or "ort", env_precision, "BGERT_VARIANT"
+        if backend in (None, "ort", "openvino") and not on_gpu:
+            from .tuning import measure_once
+
+            self.tuning = measure_once(self.model_dir, threads, lambda: tune_candidates(self.manifest))
+        if backend is None:
+            runnable = [p for p in self.manifest.precisions() if all(
+                g.gate_passed and graph_runs_well_here(g) for g in self.manifest.graphs if g.precision == p)]
+            best = fastest(self.tuning, None, runnable)
+            backend = best["backend"] if best else "ort"
+        measured = fastest(self.tuning, backend, self.manifest.precisions())
+        how = (f"measured here ({self.tuning.get('how', 'bgert tune')}, {self.tuning.get('measured_at')})"
+               if measured else "fixed order (nothing measured here)")
+        return backend, None, how
+
     def _on_gpu(self) -> bool:
         return any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in provider_names(self.providers))
 
@@ -250,10 +322,6 @@ class BgeModel(QueuedAPI):
                 log.warning("bgert: precision %s needs int8 dot products without saturation (VNNI/AMX); this CPU "
                             "lacks them and its results will be less accurate. Use precision='int8'.", precision)
             return precision
-        if self.tuning is None and self.backend_name in ("ort", "openvino") and not self._on_gpu():
-            from .tuning import read_tuning
-
-            self.tuning = read_tuning(self.model_dir, self._sess_options[0])
         chosen = default_precision(self.manifest, self._on_gpu(), self.backend_name, self.tuning)
         if chosen is None:
             raise ArtifactError(f"{self.model_dir}: no graph passed its quality gate; re-export the artifact.")
@@ -266,15 +334,22 @@ class BgeModel(QueuedAPI):
                 return g
         raise ArtifactError(f"{self.model_dir}: no {self.precision} graph with {match}")
 
+    def _graph_of(self, file: str) -> Graph:
+        """The chosen precision's graph entry of ``file``: two entries may name one file (``bf16`` reads the
+        fp32 graph with OpenVINO's bf16 hint), and the entry, not the file, says how it runs."""
+        same = [g for g in self.manifest.graphs if g.file == file]
+        return next((g for g in same if g.precision == self.precision), same[0])
+
     def backend_for(self, graph: Graph) -> Backend:
         """The backend running ``graph``, created once (thread-safe)."""
-        be = self._backends.get(graph.file)
+        key = (graph.file, graph.precision)
+        be = self._backends.get(key)
         if be is None:
             with self._lock:
-                be = self._backends.get(graph.file)
+                be = self._backends.get(key)
                 if be is None:
                     be = self._make_backend(graph)
-                    self._backends[graph.file] = be
+                    self._backends[key] = be
         return be
 
     def _make_backend(self, graph: Graph) -> Backend:
@@ -372,7 +447,7 @@ class BgeModel(QueuedAPI):
                   run_cost_tokens: int = 0) -> list[Any]:
         """One row per pre-tokenised item (``_rows``), in order, run in token-budget batches
         (``run_cost_tokens`` > 0: neighbouring buckets merged where that is cheaper, as the queue asks)."""
-        graph = next(g for g in self.manifest.graphs if g.file == job.graph)
+        graph = self._graph_of(job.graph)
         seqs = [it.ids for it in items]
         names = sorted({k for it in items for k in (it.extra or {})})
         side = job.padding_side or self.tokenizer.padding_side
@@ -403,4 +478,4 @@ class BgeModel(QueuedAPI):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.model_dir!r}, kind={self.manifest.kind}, precision={self.precision}, "
-                f"backend={self.backend_name}, providers={provider_names(self.providers)})")
+                f"backend={self.backend_name}, providers={provider_names(self.providers)}, chosen_by={self.chosen_by!r})")

@@ -32,6 +32,12 @@ def arena_settings(arena: str, sess_options: ort.SessionOptions) -> ort.RunOptio
     return run_options
 
 
+#: ORT graph optimizers the CPU provider runs without: SkipLayerNormFusion would turn the int8 graphs' Add + Add +
+#: LayerNormalization back into SkipLayerNormalization, whose CPU kernel took twice as long in ORT 1.32
+#: (benchmarks/results/cpu_profile_*.md)
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
+
 def make_ort_backend(path: str, manifest: Any, graph: Any, providers: Sequence[ProviderSpec],
                      sess_options: ort.SessionOptions, shapes: Mapping[int, int], *,
                      io_binding: bool | None = None, cuda_graph: bool = False,
@@ -76,12 +82,13 @@ def make_ort_backend(path: str, manifest: Any, graph: Any, providers: Sequence[P
         if cuda_graph:
             raise ProviderError("cuda_graph=True needs IO binding (fixed input/output addresses); "
                                 "drop io_binding=False.")
+        disabled = CPU_DISABLED_OPTIMIZERS if names == [CPU] else ()
         if names == [CPU] and graph_cache.enabled(session_cache):
-            cached = graph_cache.cached_graph(path, manifest, graph.file, sess_options)
+            cached = graph_cache.cached_graph(path, manifest, graph.file, sess_options, disabled)
             if cached != path:
                 try:
-                    return OrtBackend(cached, full, sess_options, run_options)
+                    return OrtBackend(cached, full, sess_options, run_options, disabled)
                 except RuntimeError as e:  # a copy ORT cannot read back: the artifact's own graph, from now on
                     graph_cache.refuse(cached, e)
-        return OrtBackend(path, full, sess_options, run_options)
+        return OrtBackend(path, full, sess_options, run_options, disabled)
     return iobinding.IoBindingBackend(path, full, sess_options, shapes=shapes, cuda_graph=cuda_graph, device_id=device_id)

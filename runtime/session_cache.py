@@ -12,7 +12,7 @@ included, loads the copy: ORT maps its data file, so creating a session takes a 
 the weights are file-backed pages that replicas on one machine share, and nothing is copied at load.
 
 The key is everything that decides the optimised graph: the sha256 of the graph's files (from the
-verified manifest), the ORT version, the optimisation level, and the machine and CPU flags (ORT's
+verified manifest), the ORT version, the optimisation level and the optimizers left out, and the machine and CPU flags (ORT's
 level-3 optimisations and pre-packed layouts are specific to the CPU they were made on). Only
 sessions on the CPU provider alone, of artifacts whose files were verified against the manifest
 (``verify=False`` could load a changed file under the old hash), with bgert's own SessionOptions are
@@ -35,7 +35,7 @@ import os
 import platform
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Sequence
 
 import onnxruntime as ort
 
@@ -70,9 +70,11 @@ def graph_digests(manifest: Any, graph_file: str) -> dict[str, str]:
             if name == graph_file or name.startswith(graph_file + ".")}
 
 
-def cache_key(digests: dict[str, str], options: ort.SessionOptions) -> dict[str, Any]:
-    """What decides the optimised graph, as a JSON-able dict (its hash names the entry)."""
+def cache_key(digests: dict[str, str], options: ort.SessionOptions, disabled: Sequence[str] = ()) -> dict[str, Any]:
+    """What decides the optimised graph, as a JSON-able dict (its hash names the entry); ``disabled``: the
+    ORT optimizers the session runs without (ort_backend.CPU_DISABLED_OPTIMIZERS)."""
     return {"files": digests, "onnxruntime": ort.__version__, "level": int(options.graph_optimization_level),
+            "disabled_optimizers": sorted(disabled),
             "machine": platform.machine(), "cpu_flags": hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()}
 
 
@@ -101,7 +103,7 @@ def _complete(entry: str, key: dict[str, Any]) -> bool:
         return False
 
 
-def _build(path: str, entry: str, key: dict[str, Any], options: ort.SessionOptions) -> None:
+def _build(path: str, entry: str, key: dict[str, Any], options: ort.SessionOptions, disabled: Sequence[str]) -> None:
     """Write the optimised copy of ``path`` into a temporary directory beside ``entry``, then rename it there."""
     root = os.path.dirname(entry)
     os.makedirs(root, exist_ok=True)
@@ -116,7 +118,8 @@ def _build(path: str, entry: str, key: dict[str, Any], options: ort.SessionOptio
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                     str(MIN_EXTERNAL_BYTES))
         so.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
-        ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=list(disabled) or None)
         if not os.path.isfile(os.path.join(tmp, DATA)):
             raise OSError("ORT wrote no external data file (nothing large enough to map)")
         meta: dict[str, Any] = {"key": key, "source": os.path.abspath(path),
@@ -126,7 +129,8 @@ def _build(path: str, entry: str, key: dict[str, Any], options: ort.SessionOptio
             trial = ort.SessionOptions()
             trial.graph_optimization_level, trial.intra_op_num_threads, trial.log_severity_level = \
                 options.graph_optimization_level, 1, 3
-            ort.InferenceSession(os.path.join(tmp, MODEL), sess_options=trial, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(os.path.join(tmp, MODEL), sess_options=trial, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=list(disabled) or None)
         except Exception as e:  # ORT's own Fail/InvalidGraph types: remember it, so no later load makes it again
             for name in (MODEL, DATA):
                 os.remove(os.path.join(tmp, name))
@@ -146,17 +150,19 @@ def _build(path: str, entry: str, key: dict[str, Any], options: ort.SessionOptio
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cached_graph(path: str, manifest: Any, graph_file: str, options: ort.SessionOptions) -> str:
+def cached_graph(path: str, manifest: Any, graph_file: str, options: ort.SessionOptions,
+                 disabled: Sequence[str] = ()) -> str:
     """The path a CPU session of ``path`` should load: its optimised copy in the cache (made now if
-    missing), or ``path`` itself where no copy can be made or kept (the reason logged)."""
+    missing, with the optimizers ``disabled`` left out, as the session runs), or ``path`` itself where no
+    copy can be made or kept (the reason logged)."""
     digests = graph_digests(manifest, graph_file)
     if graph_file not in digests:
         return path  # a manifest without the graph's hash: nothing safe to key a copy by
-    key = cache_key(digests, options)
+    key = cache_key(digests, options, disabled)
     entry = os.path.join(cache_root(), hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32])
     if not _complete(entry, key):
         try:
-            _build(path, entry, key, options)
+            _build(path, entry, key, options, disabled)
         except Exception as e:  # a read-only or full disk, or a graph ORT cannot save: run the artifact's own graph
             log.info("bgert: no optimised-graph cache for %s (%s); loading it directly", path, e)
             return path

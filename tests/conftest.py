@@ -13,6 +13,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # a local Ray cluster binds the loopback address, not the machine's own interface (Ray reads this at import;
 # without it, ray.init(_node_ip_address="127.0.0.1") still resolves to the interface address)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# a default load measures which variant is fastest on its first use of an artifact (bgert.runtime.autotune): not in
+# every test's hot path (tests of that measurement turn it on themselves), and no variant-choice env from outside
+os.environ["BGERT_TUNE"] = "off"
+os.environ.pop("BGERT_VARIANT", None)
 
 import pytest  # noqa: E402
 

@@ -92,8 +92,8 @@ def test_variant_quality_against_flagembedding(bge_ckpt, bge_all, precision, mea
 
 
 def test_default_precision_by_cpu(bge_all, monkeypatch):
-    monkeypatch.setenv("BGERT_INT8_DOT", "saturating")  # AVX2 without VNNI: 7-bit weights
-    assert Embedder(bge_all).precision == "int8"
+    monkeypatch.setenv("BGERT_INT8_DOT", "saturating")  # AVX2 without VNNI: int8 no faster than fp32, unmeasured
+    assert Embedder(bge_all).precision == "fp32"
     monkeypatch.setenv("BGERT_INT8_DOT", "exact")  # VNNI / AMX / ARM: full-range weights
     m = Embedder(bge_all)
     assert m.precision == "int8-vnni" and m.graph().file == "model.int8-vnni.onnx"
@@ -137,7 +137,7 @@ def test_keep_failed_marks_and_never_chooses(tiny_bge, root, monkeypatch):
 def test_bad_options(tiny_bge, root):
     with pytest.raises(ExportError, match="unknown precision"):
         export(tiny_bge, os.path.join(root, "bad1"), progress=False, precisions=["int4"])
-    with pytest.raises(ExportError, match="int8_fp32_nodes must be >= 0"):
+    with pytest.raises(ExportError, match="int8_fp32_nodes must be 'auto' or >= 0"):
         export(tiny_bge, os.path.join(root, "bad3"), progress=False, precisions=["int8"], int8_fp32_nodes=-1)
     with pytest.raises(ExportError, match="calibration_percentile"):
         export(tiny_bge, os.path.join(root, "bad4"), progress=False, precisions=["int8-static"],
@@ -178,6 +178,41 @@ def test_no_smoothing_mul_before_an_fp32_matmul(minilm_int8):
         smooth = [n for n in g.node if n.op_type == "Mul" and n.name.endswith("_bgert_smooth")]
         assert smooth, f"{f}: no smoothing at all"
         assert all(set(users[n.output[0]]) != {"MatMul"} for n in smooth), f
+
+
+def test_int8_keeps_the_fewest_fp32_nodes_the_calibration_text_allows(minilm_int8):
+    """int8_fp32_nodes='auto': rungs of FP32_NODE_LADDER, fewest fp32 MatMuls first, until the calibration text's
+    quality clears the gate with a margin (each fp32 MatMul is a fp32 GEMM inside the int8 graph)."""
+    graphs = {g["precision"]: g for g in manifest(minilm_int8)["graphs"]}
+    n_targets = 24  # MiniLM-L6: 6 layers × (QKV Attention, attention output, FFN in, FFN out)
+    for p in ("int8", "int8-vnni"):
+        recipe = graphs[p]["recipe"]
+        search, kept = recipe["fp32_node_search"], len(recipe["fp32_nodes"])
+        assert kept <= round(0.25 * n_targets) and search[0]["fp32_nodes"] == 0
+        margin = prec._with_margin(prec.Settings().gate(p))
+        for rung in search[:-1]:  # the rungs passed over missed the margin
+            assert prec.gate_failures(rung, margin), (p, rung)
+        if search[-1]["fp32_nodes"] == kept and kept < round(0.25 * n_targets):
+            assert not prec.gate_failures(search[-1], margin), (p, search[-1])
+    assert len(graphs["int8-vnni"]["recipe"]["fp32_nodes"]) <= len(graphs["int8"]["recipe"]["fp32_nodes"])
+
+
+def test_graphs_run_without_skip_layer_norm_on_cpu(minilm_int8, tmp_path):
+    """The exported graphs hold Add + LayerNormalization instead of SkipLayerNormalization (slower in ORT's CPU
+    kernel), and the runtime's CPU sessions do not fuse it back; attention stays fused."""
+    import onnxruntime as ort
+
+    for p, f in (("fp32", "model.onnx"), ("int8", "model.int8.onnx"), ("int8-vnni", "model.int8-vnni.onnx")):
+        ops = {n.op_type for n in onnx.load(os.path.join(minilm_int8, f)).graph.node}
+        assert "LayerNormalization" in ops and "SkipLayerNormalization" not in ops, f
+        assert ops & {"Attention", "QAttention"}, f
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"optimized-{p}.onnx")
+        Embedder(minilm_int8, precision=p, sess_options=so).encode(["a panda"])
+        ran = {n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node}
+        assert "LayerNormalization" in ran and "SkipLayerNormalization" not in ran, f
+    fused = manifest(minilm_int8)["graphs"][0]["fused_ops"]
+    assert fused["LayerNormalization (from SkipLayerNormalization)"] == 12 and "SkipLayerNormalization" not in fused
 
 
 def test_minilm_int8_holds_its_gates(minilm_int8):

@@ -251,6 +251,7 @@ def test_tokenize_info_health_models(client, local):
     assert "/rerank" in by["cross"]["endpoints"] and "/embed" not in by["cross"]["endpoints"]
     assert "cutoff_layers" in by["layerwise"]["parameters"] and "prompt" in by["gemma"]["parameters"]
     assert info["model_id"] == "bge" and info["ready"]
+    assert by["bge"]["backend"] == "ort" and by["bge"]["variant_chosen_by"].startswith("fixed order")  # BGERT_TUNE=off
     assert client.get("/health").status_code == 200
     assert [m["id"] for m in client.get("/v1/models").json()["data"]][:2] == ["bge", "m3"]
 

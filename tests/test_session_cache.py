@@ -129,3 +129,19 @@ def test_a_copy_ort_cannot_load_is_recorded_and_the_artifact_loaded(tiny_bge_art
     [entry] = entries(cache)
     assert len(trials) == 1 and os.listdir(os.path.join(cache, entry)) == ["meta.json"]
     assert "simulated" in json.load(open(os.path.join(cache, entry, "meta.json")))["unusable"]
+
+
+def test_the_copy_is_made_without_the_optimizers_cpu_sessions_leave_out(tiny_bge_art, cache, reference):
+    """CPU sessions run without SkipLayerNormFusion (ort_backend.CPU_DISABLED_OPTIMIZERS); the cached copy is
+    optimised the same way (no SkipLayerNormalization in it) and the key says so."""
+    import onnx
+
+    from bgert.runtime.ort_backend import CPU_DISABLED_OPTIMIZERS
+
+    model = Embedder(tiny_bge_art)
+    assert cos_min(model.encode(TEXTS), reference) >= 0.99999
+    [entry] = entries(cache)
+    ops = {n.op_type for n in onnx.load(os.path.join(cache, entry, "model.onnx"), load_external_data=False).graph.node}
+    assert "LayerNormalization" in ops and "SkipLayerNormalization" not in ops, ops
+    meta = json.load(open(os.path.join(cache, entry, "meta.json")))
+    assert meta["key"]["disabled_optimizers"] == sorted(CPU_DISABLED_OPTIMIZERS)

@@ -50,7 +50,8 @@ def tuning(*rows: tuple[str, str, float]) -> dict:
 def test_fixed_order_by_cpu_flags(flags):
     m = manifest()
     flags(AVX2)
-    assert default_precision(m, False) == "int8"             # int8-vnni saturates without VNNI
+    assert default_precision(m, False) == "fp32"  # int8 does not beat fp32 without int8 dot products; int8-vnni saturates
+    assert default_precision(manifest(), False, tuning=tuning(("ort", "int8", 2.0), ("ort", "fp32", 1.0))) == "int8"
     assert default_precision(m, False, "openvino") == "fp32"  # bf16 is not offered without bf16 flags
     flags(VNNI)
     assert default_precision(m, False) == "int8-vnni"
@@ -128,8 +129,10 @@ def test_bf16_entry_reads_the_fp32_graph_with_openvino(bf16_art):
     assert entry.file == "model.onnx" and entry.extra["backend"] == "openvino"
     assert entry.extra["requires_cpu_flags"] == list(BF16_FLAGS)
     with pytest.raises(ValueError, match="backend='openvino'"):
-        load(bf16_art, precision="bf16")
+        load(bf16_art, backend="ort", precision="bf16")
     assert load(bf16_art).precision == "fp32"
+    pytest.importorskip("openvino")
+    assert load(bf16_art, precision="bf16").backend_name == "openvino"  # only OpenVINO runs it: no need to say so
 
 
 @pytest.mark.skipif(bool(set(BF16_FLAGS) & base.cpu_flags()), reason="this CPU runs bf16: its gate is measured")
@@ -155,3 +158,81 @@ def test_bf16_gate_measured_where_the_cpu_has_it(bf16_art, tiny_bge):
     ref = FlagModel(tiny_bge, use_fp16=False, devices="cpu").encode(texts)
     got = model.encode(texts)
     assert float(((ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)).min()) >= 0.999
+
+
+# ---------------------------------------------------------------- the first default load measures
+@pytest.fixture
+def measuring(monkeypatch, tmp_path):
+    """First-load measurement on (conftest turns it off), short, into a fresh cache."""
+    monkeypatch.setenv("BGERT_TUNE", "auto")
+    monkeypatch.setenv("BGERT_TUNE_SECONDS", "0.2")
+    monkeypatch.setenv("BGERT_CACHE_DIR", str(tmp_path / "cache"))
+    import bgert.runtime.tuning as tuning
+
+    monkeypatch.setattr(tuning, "_IN_PROCESS", {})
+    calls = []
+    real = tuning.measure
+
+    def counted(*a, **kw):
+        calls.append(a[1])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tuning, "measure", counted)
+    return calls
+
+
+def test_first_default_load_measures_once_and_caches(tiny_bge_art, measuring):
+    model = load(tiny_bge_art)
+    assert len(measuring) == 1 and ("ort", "fp32") in measuring[0]
+    assert model.chosen_by.startswith("measured here (first load")
+    result = json.load(open(cache_path(tiny_bge_art, None), encoding="utf-8"))
+    best = fastest(result, None, ["fp32"])
+    assert (model.backend_name, model.precision) == (best["backend"], best["precision"])
+    assert all(v["documents_per_s"] > 0 and v["queries_per_s"] > 0 for v in result["variants"])
+    assert "chosen_by='measured here" in repr(model) and "first load" in explain(tiny_bge_art)
+    load(tiny_bge_art)
+    load(tiny_bge_art, backend="ort")
+    assert len(measuring) == 1  # cached: measured once per artifact and machine
+    assert load(tiny_bge_art, precision="fp32").chosen_by == "asked"
+    assert len(measuring) == 1
+
+
+def test_first_load_measurement_without_a_writable_cache(tiny_bge_art, measuring, monkeypatch, tmp_path, caplog):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("BGERT_CACHE_DIR", str(blocker))
+    with caplog.at_level("WARNING", logger="bgert"):
+        model = load(tiny_bge_art)
+    assert model.chosen_by.startswith("measured here") and model.encode(["a"]).shape[0] == 1
+    assert "cannot write the variant measurement" in caplog.text
+    load(tiny_bge_art)
+    assert len(measuring) == 1  # kept for the process
+
+
+def test_first_load_measurement_is_bounded(tiny_bge_art, measuring, monkeypatch):
+    import time
+
+    monkeypatch.setenv("BGERT_TUNE_BUDGET", "0.3")  # less than a variant's process takes to start
+    t0 = time.monotonic()
+    model = load(tiny_bge_art)
+    assert time.monotonic() - t0 < 20
+    assert (model.backend_name, model.precision) == ("ort", "fp32") and model.chosen_by.startswith("fixed order")
+    result = json.load(open(cache_path(tiny_bge_art, None), encoding="utf-8"))
+    assert all("budget" in v["error"] for v in result["variants"])
+
+
+def test_variant_env_overrides_and_bad_values_say_what_they_take(tiny_bge_art, measuring, monkeypatch):
+    monkeypatch.setenv("BGERT_VARIANT", "ort:fp32")
+    model = load(tiny_bge_art)
+    assert (model.backend_name, model.precision, model.chosen_by) == ("ort", "fp32", "BGERT_VARIANT")
+    assert not measuring
+    monkeypatch.setenv("BGERT_VARIANT", "int8")
+    with pytest.raises(ValueError, match="precision 'int8' is not in this artifact"):
+        load(tiny_bge_art)
+    monkeypatch.setenv("BGERT_VARIANT", "tensorflow:fp32")
+    with pytest.raises(ValueError, match="BGERT_VARIANT.*ort, openvino"):
+        load(tiny_bge_art)
+    monkeypatch.delenv("BGERT_VARIANT")
+    monkeypatch.setenv("BGERT_TUNE", "sometimes")
+    with pytest.raises(ValueError, match="BGERT_TUNE must be 'auto' or 'off'"):
+        load(tiny_bge_art)

@@ -14,6 +14,15 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in _csv(s)]
 
 
+def _fp32_nodes(s: str) -> float | str:
+    if s.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, a fraction < 1 or a count, got {s!r}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument("src", help="local checkpoint directory (or a hub id when the network allows)")
@@ -26,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-failed", action="store_true",
                    help="keep precision variants that miss their quality gate (marked failed)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+    p.add_argument("--no-tune", action="store_true",
+                   help="do not measure which variant is fastest on this machine after the export (BGERT_TUNE=off "
+                        "does the same; the first default load would measure it then)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p = parser.add_argument_group("graph")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
@@ -47,9 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--calibration-method", choices=["minmax", "percentile"],
                    help="int8-static activation ranges (default minmax)")
     q.add_argument("--calibration-percentile", type=float, help="for --calibration-method percentile (99.99)")
-    q.add_argument("--int8-fp32-nodes", type=float,
-                   help="quantizable MatMuls kept fp32, largest int8 error first: a fraction < 1 or a count "
-                        "(default 0.25)")
+    q.add_argument("--int8-fp32-nodes", type=_fp32_nodes,
+                   help="quantizable MatMuls kept fp32, largest int8 error first: a fraction < 1, a count, or auto "
+                        "(default auto: int8/int8-vnni the fewest of 0, 5%%, 10%%, 25%% that holds the gate on the "
+                        "calibration text, int8-static 25%%)")
     q.add_argument("--static-activations", choices=["uint8", "int8"],
                    help="int8-static activation type; int8 (symmetric) is what TensorRT takes")
 
@@ -67,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
                  opset=args.opset, optimize_graph=not args.no_optimize, precisions=args.precision,
                  progress=not args.quiet, **{k: v for k, v in options.items() if v is not None})
     from bgert.cli.info_cmd import describe
+    from bgert.runtime.base import tune_candidates
+    from bgert.runtime.manifest import read_manifest
+    from bgert.runtime.tuning import measure_once, tune_mode
 
+    if not args.no_tune and tune_mode() == "auto":  # what the first default load here would measure, done now
+        measure_once(out, None, lambda: tune_candidates(read_manifest(out, verify=False)))
     print(describe(out))
     return 0

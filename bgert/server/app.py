@@ -667,6 +667,8 @@ def create_app(state: ServerState) -> Any:
                            "model_type": None if m is None else type(m).__name__,
                            "kind": None if m is None else m.manifest.kind,
                            "model_dtype": None if m is None else m.precision,
+                           "backend": None if m is None else m.backend_name,
+                           "variant_chosen_by": None if m is None else m.chosen_by,
                            "max_input_length": None if m is None else m.max_length,
                            "endpoints": sorted(p for c in s.caps for p in CAPABILITY_ENDPOINTS.get(c, ())),
                            "parameters": sorted(s.caps & {"cutoff_layers", "prompt", "token_ids", "mode"}),
