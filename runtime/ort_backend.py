@@ -91,4 +91,6 @@ def make_ort_backend(path: str, manifest: Any, graph: Any, providers: Sequence[P
                 except RuntimeError as e:  # a copy ORT cannot read back: the artifact's own graph, from now on
                     graph_cache.refuse(cached, e)
         return OrtBackend(path, full, sess_options, run_options, disabled)
-    return iobinding.IoBindingBackend(path, full, sess_options, shapes=shapes, cuda_graph=cuda_graph, device_id=device_id)
+    on_cpu = {"disabled_optimizers": CPU_DISABLED_OPTIMIZERS} if names == [CPU] else {}  # IO binding on the CPU EP
+    return iobinding.IoBindingBackend(path, full, sess_options, shapes=shapes, cuda_graph=cuda_graph, device_id=device_id,
+                                      **on_cpu)
