@@ -58,7 +58,7 @@ class OrtBackend:
     """One ONNX Runtime InferenceSession. ``run`` is thread-safe (ORT sessions are)."""
 
     def __init__(self, path: str, providers: Sequence[ProviderSpec], options: ort.SessionOptions,
-                 disabled_optimizers: Sequence[str] = ()):
+                 run_options: ort.RunOptions | None = None, disabled_optimizers: Sequence[str] = ()):
         try:
             self.session = ort.InferenceSession(path, sess_options=options, providers=list(providers),
                                                 disabled_optimizers=list(disabled_optimizers) or None)
@@ -75,6 +75,7 @@ class OrtBackend:
         self.providers = got
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.run_options = run_options
 
     def run(self, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
-        return self.session.run(list(output_names), {k: feeds[k] for k in self.input_names})
+        return self.session.run(list(output_names), {k: feeds[k] for k in self.input_names}, self.run_options)

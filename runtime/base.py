@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .backends import Backend, ProviderSpec, provider_names, resolve_providers, session_options
-from .batching import DEFAULT_TOKEN_BUDGET, Batch, check_buckets, merge_runs, pad, plan_batches
+from .batching import Batch, check_buckets, default_token_budget, merge_runs, pad, plan_batches
 from .cpu import cpu_flags
 from .iobinding import bucket_shapes
 from .manifest import ArtifactError, Graph, Manifest, read_manifest
@@ -197,13 +197,14 @@ class BgeModel(QueuedAPI):
                  providers: str | Sequence[ProviderSpec] | None = None,
                  intra_op_num_threads: int | None = None, inter_op_num_threads: int | None = None,
                  graph_optimization_level: str = "all", sess_options: Any = None,
-                 token_budget: int = DEFAULT_TOKEN_BUDGET, batch_size: int = 256,
+                 token_budget: int | None = None, batch_size: int = 256,
                  length_buckets: Sequence[int] | None = None, verify: bool | str = True,
                  backend: str | None = None, show_progress_bar: bool = False, window_size: int = DEFAULT_WINDOW_SIZE,
                  **backend_options: Any):
         self.model_dir = os.fspath(model_dir)
         _drop_reference_only_options(backend_options)
         self.manifest: Manifest = read_manifest(self.model_dir, verify=verify, section=False)
+        self._verified = verify is not False  # the graphs are the files the manifest's sha256 name
         if self.manifest.kind not in served_kinds(type(self)):
             raise ArtifactError(
                 f"{self.model_dir} holds a {self.manifest.kind!r} model, which {type(self).__name__} "
@@ -212,9 +213,9 @@ class BgeModel(QueuedAPI):
         self.manifest.section  # noqa: B018 (the kind's typed manifest section, checked now)
         if not os.path.isfile(self.manifest.tokenizer_file):
             raise ArtifactError(f"{self.manifest.tokenizer_file} is missing; re-export the artifact.")
-        self.tokenizer = TextTokenizer(self.manifest.tokenizer_file, self.manifest.tokenizer_info)
+        self.tokenizer = TextTokenizer(self.manifest.tokenizer_file, self.manifest.tokenizer_info,
+                                       max_length=self.manifest.max_length)
         self.max_length = self.manifest.max_length
-        self.token_budget = int(token_budget)
         self.batch_size = int(batch_size)
         self.window_size = window_length(int(window_size), 1)  # items tokenised and run at once (runtime.windows)
         self.length_buckets = check_buckets(length_buckets or self.manifest.length_buckets, self.max_length)
@@ -242,8 +243,13 @@ class BgeModel(QueuedAPI):
             self.providers = []
         else:
             raise ValueError(f"backend must be 'ort', 'openvino' or 'triton', got {backend!r}")
-        if length_buckets is None and backend in ("ort", "openvino") and not self._on_gpu():
+        on_cpu = backend in ("ort", "openvino") and not self._on_gpu()
+        if length_buckets is None and on_cpu:
             self.length_buckets = cpu_buckets(self.max_length)
+        # padded tokens per batch: the caller's, else smaller on the CPU (bgert.runtime.batching.CPU_TOKEN_BUDGET)
+        self.token_budget = int(token_budget) if token_budget is not None else default_token_budget(on_cpu)
+        if self.token_budget < 1:
+            raise ValueError(f"token_budget must be >= 1, got {token_budget}")
         self.precision = self._choose_precision(precision)
 
     # ---- graph selection -------------------------------------------------------------------
@@ -359,8 +365,11 @@ class BgeModel(QueuedAPI):
                                    **self._backend_options)
         opts = session_options(intra, inter, level, base)
         shapes = bucket_shapes(self.length_buckets, self.token_budget, self.batch_size)
+        options = dict(self._backend_options)
+        if base is not None or not self._verified:  # the caller's SessionOptions may change the graph in ways
+            options.setdefault("session_cache", False)  # a key cannot see; unverified files may not be the hashed ones
         return make_ort_backend(self.manifest.path(graph.file), self.manifest, graph, self.providers, opts, shapes,
-                                **self._backend_options)
+                                **options)
 
     # ---- batched execution ------------------------------------------------------------------
     def _plan_batches(self, lengths: Sequence[int], batch_size: int, multiple_of: int = 1,

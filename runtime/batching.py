@@ -15,7 +15,19 @@ from typing import Sequence
 
 import numpy as np
 
+#: padded tokens per batch by default on GPUs (CUDA, TensorRT) and remote backends (Triton), which want big batches
 DEFAULT_TOKEN_BUDGET = 16384
+#: padded tokens per batch by default on the CPU (ORT's CPU provider, OpenVINO). A batch's activations grow with
+#: its tokens (hidden states and FFN intermediates: tokens x width; attention probabilities: tokens x heads x
+#: padded length), and the largest batch sets the process's peak memory, while a CPU's GEMMs are already as fast
+#: at a few thousand tokens as at 16k: 4096 keeps all-MiniLM-L6-v2's encode() peak at ~0.4 GB (~0.8 GB at 16384)
+#: at the same throughput (benchmarks/results/footprint_*.md)
+CPU_TOKEN_BUDGET = 4096
+
+
+def default_token_budget(on_cpu: bool) -> int:
+    """The token budget per batch when the caller names none: CPU_TOKEN_BUDGET on the CPU, else DEFAULT_TOKEN_BUDGET."""
+    return CPU_TOKEN_BUDGET if on_cpu else DEFAULT_TOKEN_BUDGET
 
 
 @dataclass(frozen=True)

@@ -80,13 +80,13 @@ class IoBindingBackend(OrtBackend):
 
     def __init__(self, path: str, providers: Sequence[ProviderSpec], options: ort.SessionOptions, *,
                  shapes: Mapping[int, int] | None = None, cuda_graph: bool = False,
-                 fixed_shapes: bool | None = None, device_id: int = 0):
+                 fixed_shapes: bool | None = None, device_id: int = 0, disabled_optimizers: Sequence[str] = ()):
         #: pad rows to powers of two and give each shape a graph id (what CUDA graphs need)
         self.fixed_shapes = cuda_graph if fixed_shapes is None else bool(fixed_shapes)
         if cuda_graph and not self.fixed_shapes:
             raise ValueError("cuda_graph=True needs fixed_shapes (one captured graph per shape)")
         try:
-            super().__init__(path, providers, options)
+            super().__init__(path, providers, options, disabled_optimizers=disabled_optimizers)
         except RuntimeError as e:
             if cuda_graph and "graph capture" in str(e):
                 raise ProviderError(f"onnxruntime refused CUDA graphs for {path}: every node must run on the CUDA "

@@ -29,7 +29,13 @@ GPU_PROVIDERS = (TENSORRT, CUDA)
 ALIASES = {"cpu": CPU, "cuda": CUDA, "gpu": CUDA, "tensorrt": TENSORRT, "trt": TENSORRT}
 AUTO_ORDER = (TENSORRT, CUDA, CPU)
 #: keyword arguments of the runtime classes that configure the ORT backend (see bgert.runtime.ort_backend)
-ORT_BACKEND_OPTIONS = ("io_binding", "cuda_graph", "tensorrt_cache_dir", "tensorrt_profiles")
+ORT_BACKEND_OPTIONS = ("io_binding", "cuda_graph", "tensorrt_cache_dir", "tensorrt_profiles", "arena", "session_cache")
+#: ``arena=`` of the runtime classes: ORT's CPU memory arena. "on" (ORT's default): activation buffers come
+#: from an arena that grows to the largest batch's needs and keeps them, so a process stays at its peak RSS;
+#: "shrink": the same arena, but the chunks no run holds go back to the OS after every run (the idle RSS falls
+#: back to about the weights; each run allocates afresh); "off": plain malloc per tensor (the idle RSS falls
+#: back too, but the peak is higher: freed blocks are not reused as tightly). See bgert.runtime.ort_backend.
+ARENA_MODES = ("on", "shrink", "off")
 _GPU_HINT = ("For CUDA/TensorRT install bgert[gpu] (onnxruntime-gpu) in place of onnxruntime, with CUDA and "
              "cuDNN libraries it can load (and TensorRT itself for the TensorRT provider).")
 
@@ -186,3 +192,5 @@ def check_backend_options(options: Mapping[str, Any]) -> None:
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(unknown)} for backend='ort'; it takes "
                         f"{', '.join(ORT_BACKEND_OPTIONS)}")
+    if options.get("arena", "on") not in ARENA_MODES:
+        raise ValueError(f"arena must be one of {', '.join(ARENA_MODES)}, got {options['arena']!r}")

@@ -25,7 +25,6 @@ with ``on_full="wait"``, the caller waits for room.
 """
 from __future__ import annotations
 
-import asyncio
 import atexit
 import collections
 import concurrent.futures
@@ -36,10 +35,13 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .batching import bucket_for
 from .request import Request, request_methods
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger("bgert")
 
@@ -192,6 +194,8 @@ class TokenQueue:
 
         Cancelling the awaiting task drops the request if it has not run yet.
         """
+        import asyncio  # here, not at the top: the offline path (load + encode) never pays for asyncio
+
         entry = _Entry(request)
         loop = asyncio.get_running_loop()
         try:
@@ -212,6 +216,8 @@ class TokenQueue:
 
     async def aprepare(self, method: str, *args: Any, **kwargs: Any) -> Request:
         """``model.prepare(method, ...)`` (check and tokenise) in the worker pool, off the event loop."""
+        import asyncio
+
         return await asyncio.get_running_loop().run_in_executor(
             self._pool, functools.partial(self._prepare, method, args, kwargs))
 
@@ -392,6 +398,8 @@ class TokenQueue:
 
     async def aclose(self) -> None:
         """``close()`` without blocking the event loop."""
+        import asyncio
+
         await asyncio.get_running_loop().run_in_executor(None, self.close)
 
     def __enter__(self) -> "TokenQueue":

@@ -97,6 +97,19 @@ def cuts_exactly(spec: dict[str, Any]) -> bool:
     return bool(local and splits and not spaced)
 
 
+def _pipeline_spec(tok: Tokenizer, text: str) -> dict[str, Any]:
+    """The normalizer, pre-tokenizer and added tokens of tokenizer.json, as ``cuts_exactly`` reads them:
+    from the tokenizer's own components (their pickled state is their JSON), not by parsing the whole
+    file again (its vocabulary is most of it: ~15 ms for a BERT one); from the file where that fails."""
+    try:
+        parts = {name: None if comp is None else json.loads(comp.__getstate__())
+                 for name, comp in (("normalizer", tok.normalizer), ("pre_tokenizer", tok.pre_tokenizer))}
+        parts["added_tokens"] = [{"content": t.content} for t in tok.get_added_tokens_decoder().values()]
+        return parts
+    except (AttributeError, TypeError, ValueError):
+        return json.loads(text)
+
+
 class TextTokenizer:
     """Thread-safe wrapper around a `tokenizers.Tokenizer`, with per-max-length truncation.
 
@@ -107,16 +120,27 @@ class TextTokenizer:
     are those of the whole text.
     """
 
-    def __init__(self, path: str, info: dict[str, Any] | None = None):
+    def __init__(self, path: str, info: dict[str, Any] | None = None, max_length: int | None = None):
+        """``max_length``: the length most calls truncate to (the model's); its tokenizer is made now and
+        serves the calls that do not depend on truncation too, so a model that only ever truncates to it
+        builds one `tokenizers.Tokenizer` (each costs tens of ms and several MB), not two."""
+        self._truncating: dict[tuple[int, str], Tokenizer] = {}
+        self._plain_tokenizer: Tokenizer | None = None
         try:
             with open(path, encoding="utf-8") as f:
                 self._json = f.read()
-            self._plain = self._fresh()
-            self.cuts_exactly = cuts_exactly(json.loads(self._json))
+            first = self._fresh()
+            if max_length is not None:
+                first.enable_truncation(max_length=check_max_length(max_length), strategy="longest_first",
+                                        direction="right")
+                self._truncating[check_max_length(max_length), "right"] = first
+            else:
+                self._plain_tokenizer = first
+            self.cuts_exactly = cuts_exactly(_pipeline_spec(first, self._json))
         except Exception as e:  # tokenizers raises a bare Exception for a damaged file
             raise ArtifactError(f"{path} is not a readable tokenizer.json ({e}); re-export the artifact.") from e
+        self._any = first  # decode, vocabulary look-ups: the same whatever the truncation
         self.info = dict(info or {})
-        self._truncating: dict[tuple[int, str], Tokenizer] = {}
         self._lock = threading.Lock()
         self._warned = False
         pad = self.info.get("pad_token_id")
@@ -128,6 +152,15 @@ class TextTokenizer:
         tok.no_padding()
         tok.no_truncation()
         return tok
+
+    @property
+    def _plain(self) -> Tokenizer:
+        """The untruncated tokenizer, made on first use."""
+        if self._plain_tokenizer is None:
+            with self._lock:
+                if self._plain_tokenizer is None:
+                    self._plain_tokenizer = self._fresh()
+        return self._plain_tokenizer
 
     def _for_length(self, max_length: int | None, side: str = "right") -> Tokenizer:
         if max_length is None:
@@ -196,14 +229,14 @@ class TextTokenizer:
         return self._plain.encode_batch(list(texts), add_special_tokens=add_special_tokens) if texts else []
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self._plain.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._any.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
-        return self._plain.token_to_id(token)
+        return self._any.token_to_id(token)
 
     def id_to_token(self, i: int) -> str | None:
-        return self._plain.id_to_token(i)
+        return self._any.id_to_token(i)
 
     @property
     def vocab_size(self) -> int:
-        return self._plain.get_vocab_size(with_added_tokens=True)
+        return self._any.get_vocab_size(with_added_tokens=True)

@@ -57,6 +57,39 @@ def test_bge_parity_against_flagmodel(tiny_bge, tiny_bge_art, flag_model):
     assert np.abs(ref - got).max() < 1e-4
 
 
+@pytest.mark.parametrize("arena", ["off", "shrink"])
+def test_bge_parity_with_each_arena_mode(tiny_bge, tiny_bge_art, flag_model, arena):
+    """ORT's CPU arena off, or shrunk after every run, changes where activations live, not the vectors."""
+    texts = TEXTS + [exactly(tiny_bge, 512)]
+    model = Embedder(tiny_bge_art, arena=arena, token_budget=1024)
+    for _ in range(2):  # the second call runs on the shrunk (or absent) arena
+        assert cos_rows(flag_model.encode(texts), model.encode(texts)).min() >= 0.99999
+
+
+def test_bad_arena_mode_is_refused(tiny_bge_art):
+    with pytest.raises(ValueError, match="arena must be one of on, shrink, off"):
+        Embedder(tiny_bge_art, arena="small")
+    with pytest.raises(ProviderError, match="shrink.*IO binding"):
+        Embedder(tiny_bge_art, arena="shrink", io_binding=True).encode(["a"])
+
+
+def test_cpu_batches_stay_within_the_cpu_token_budget(tiny_bge_art):
+    """Without token_budget=, CPU runs hold at most CPU_TOKEN_BUDGET padded tokens (the activation peak
+    follows the largest run); an explicit budget still wins."""
+    from bgert.runtime.batching import CPU_TOKEN_BUDGET
+
+    texts = ["panda " * 600] * 40 + ["a b"] * 300  # 40 rows of 512 tokens, 300 short ones
+    for kwargs, limit in (({}, CPU_TOKEN_BUDGET), ({"token_budget": 16384}, 16384)):
+        model = Embedder(tiny_bge_art, **kwargs)
+        backend = model.backend_for(model.graph())
+        shapes = []
+        run = backend.run
+        backend.run = lambda feeds, names: shapes.append(feeds["input_ids"].shape) or run(feeds, names)
+        model.encode(texts)
+        assert max(r * n for r, n in shapes) <= limit, (kwargs, shapes)
+        assert max(r * n for r, n in shapes) > limit // 2, (kwargs, shapes)  # and batches do fill it
+
+
 def test_bge_parity_at_short_max_length(tiny_bge, tiny_bge_art, flag_model):
     texts = TEXTS + [exactly(tiny_bge, 32), exactly(tiny_bge, 33)]
     ref = flag_model.encode(texts, max_length=32)

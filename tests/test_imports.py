@@ -184,3 +184,55 @@ def test_the_checks_can_fail():
     for check in (test_no_import_cycles, test_subpackages_are_layered, test_runtime_imports_only_its_dependencies):
         with pytest.raises(AssertionError):
             check(fake)
+
+
+# ---- what the running runtime imports ----------------------------------------------------------
+#: packages of export, bench and the PyTorch reference that serving and encoding must never load
+HEAVY = ("torch", "transformers", "sentence_transformers", "FlagEmbedding", "onnx", "bgert.export")
+
+_RUN = """
+import json, sys
+art, work = sys.argv[1], sys.argv[2]
+from bgert.runtime import load
+m = load(art)
+m.encode(["what is panda?", "panda " * 900])
+m.encode_queries(["what is panda?"])
+from bgert.cli import main
+with open(work + "/in.txt", "w") as f:
+    f.write("what is panda?\\nhello\\n")
+assert main(["encode", art, "-i", work + "/in.txt", "-o", work + "/out.npy", "--no-progress"]) == 0
+if sys.argv[3] == "serve":
+    from starlette.testclient import TestClient
+    from bgert.server.app import ServerOptions, ServerState, Served, create_app
+    state = ServerState([Served("m", art)], ServerOptions())
+    app = create_app(state)
+    state.load_all()
+    with TestClient(app) as client:
+        r = client.post("/v1/embeddings", json={"model": "m", "input": ["what is panda?"]})
+        assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == m.dim, r.text
+    state.close()
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def heavy_modules(modules: list[str]) -> list[str]:
+    return sorted(m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY))
+
+
+@pytest.mark.parametrize("path", ["encode", "serve"])
+def test_load_encode_and_serve_import_neither_torch_nor_transformers(tiny_bge_art, tmp_path, path):
+    """In a fresh interpreter: load() + encode(), `bgert encode` and (serve) the HTTP app answering a
+    request, then nothing of torch, transformers, the references, onnx or bgert.export is loaded."""
+    if path == "serve":
+        pytest.importorskip("fastapi")
+    r = subprocess.run([sys.executable, "-c", _RUN, tiny_bge_art, str(tmp_path), path], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    modules = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "bgert.runtime.embedder" in modules and "onnxruntime" in modules  # it did run the runtime
+    assert heavy_modules(modules) == [], heavy_modules(modules)
+
+
+def test_the_heavy_module_check_can_fail():
+    assert heavy_modules(["numpy", "torch.nn", "transformers", "bgert.export.exporter", "torchvision"]) == \
+        ["bgert.export.exporter", "torch.nn", "transformers"]

@@ -74,6 +74,34 @@ def test_tokenizers_that_may_join_across_spaces_are_not_cut(tokenizer_files):
     assert not cuts_exactly({**spec, "added_tokens": [*spec["added_tokens"], {"content": "a b"}]})
 
 
+def test_the_cut_decision_read_from_the_tokenizer_equals_the_files(tokenizer_files, tmp_path):
+    """TextTokenizer reads normalizer, pre-tokenizer and added tokens from the loaded tokenizer (not by
+    parsing the whole file again); it decides as cuts_exactly over the file does, for tokenizers it may
+    cut and ones it may not (no pre-tokenizer: BPE over the whole text)."""
+    spec = json.load(open(tokenizer_files["bpe"], encoding="utf-8"))
+    whole = tmp_path / "whole.json"
+    whole.write_text(json.dumps({**spec, "pre_tokenizer": None}), encoding="utf-8")
+    for path in (*tokenizer_files.values(), str(whole)):
+        want = cuts_exactly(json.load(open(path, encoding="utf-8")))
+        assert TextTokenizer(path).cuts_exactly is want, path
+        assert TextTokenizer(path, max_length=16).cuts_exactly is want, path
+    assert not TextTokenizer(str(whole)).cuts_exactly
+
+
+def test_a_tokenizer_made_for_the_models_length_serves_every_length(tokenizer_files):
+    """TextTokenizer(max_length=n) builds only that length's tokenizer at first; other lengths, no
+    truncation, decode and the vocabulary give what a plain one gives."""
+    path = tokenizer_files["unigram"]
+    plain, tok = TextTokenizer(path), TextTokenizer(path, max_length=16)
+    assert tok._plain_tokenizer is None and list(tok._truncating) == [(16, "right")]
+    texts = mixed_texts(20, 3, 2)
+    for n in (16, 7, None):
+        assert tok.encode(texts, n) == plain.encode(texts, n)
+    ids = plain.encode(texts[:1], None)[0]
+    assert tok.decode(ids) == plain.decode(ids) and tok.vocab_size == plain.vocab_size
+    assert [e.ids for e in tok.encodings(texts)] == [e.ids for e in plain.encodings(texts)]
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_reranker_sides_truncate_as_slicing_the_whole_ids(tokenizer_files, side):
     tok = TextTokenizer(tokenizer_files["unigram"])

@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="texts per batch at most (default: the model's, 256)")
     p.add_argument("--window-size", type=int, default=None, help="texts tokenised and written at once (default 4096)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per text at most (default: the artifact's)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="padded tokens per batch run at most (rows x length bucket); the largest batch sets the "
+                        "peak memory (default: 4096 on the CPU, 16384 on GPUs)")
+    p.add_argument("--arena", default="on", choices=["on", "shrink", "off"],
+                   help="ORT's CPU memory arena: on (keeps what the largest batch needed), shrink (gives unused "
+                        "chunks back after every batch), off (plain malloc per tensor)")
     p.add_argument("--precision", default=None, help="graph precision (default: the runtime's choice, `bgert info`)")
     p.add_argument("--providers", default=None, help="comma-separated ORT providers (default: CPU)")
     p.add_argument("--backend", default="auto", choices=["auto", "ort", "openvino"],
@@ -307,6 +313,10 @@ def run(args: argparse.Namespace) -> int:
 
     providers = args.providers.split(",") if args.providers else None
     kw: dict[str, Any] = {"window_size": args.window_size} if args.window_size else {}
+    if args.max_batch_tokens is not None:
+        kw["token_budget"] = args.max_batch_tokens
+    if args.arena != "on":
+        kw["arena"] = args.arena  # an ORT option: OpenVINO refuses it
     model = load(args.artifact, precision=args.precision, providers=providers, backend=args.backend,
                  intra_op_num_threads=args.threads, **kw)
     if not hasattr(model, "encode"):

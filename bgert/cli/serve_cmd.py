@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")
     p = parser.add_argument_group("batching and limits")
-    p.add_argument("--max-batch-tokens", type=int, default=16384,
-                   help="padded tokens per batch run at most (rows x length bucket; default 16384)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="padded tokens per batch run at most (rows x length bucket); the largest batch sets the "
+                        "peak memory (default: the model's token budget, 4096 on the CPU, 16384 on GPUs)")
     p.add_argument("--max-batch-requests", type=int, default=256, help="inputs per batch run at most (default 256)")
     p.add_argument("--max-client-batch-size", type=int, default=512,
                    help="inputs per HTTP request at most (default 512)")
@@ -46,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="workers running batches side by side per model, sharing its session (default 1; "
                         "on the CPU each lane gets cores / N threads unless --threads says)")
     p.add_argument("--tokenizer-workers", type=int, default=None, help="tokenising threads per model (default: 4)")
+    p.add_argument("--arena", default="on", choices=["on", "shrink", "off"],
+                   help="ORT's CPU memory arena: on (keeps what the largest batch needed), shrink (an idle server "
+                        "gives its activation memory back after every batch), off (plain malloc per tensor)")
     p = parser.add_argument_group("inputs, outputs and tracing")
     p.add_argument("--auto-truncate", action=argparse.BooleanOptionalAction, default=True,
                    help="cut inputs longer than a model's max length (as TEI does; default on); "
@@ -87,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
                             otlp_endpoint=args.otlp_endpoint, otlp_service_name=args.otlp_service_name)
     load_kwargs = {k: v for k, v in (("precision", args.precision), ("providers", args.providers),
                                      ("intra_op_num_threads", args.threads)) if v is not None}
+    if args.arena != "on":
+        load_kwargs["arena"] = args.arena
     state = ServerState([Served(n, a) for n, a in zip(names, args.artifacts)], options, load_kwargs)
     server = uvicorn.Server(uvicorn.Config(create_app(state), host=args.host, port=args.port,
                                            log_level=args.log_level, access_log=False, lifespan="off"))

@@ -81,7 +81,7 @@ def capabilities(model: Any) -> frozenset[str]:
 class ServerOptions:
     """Limits of ``bgert serve`` (flags of the same names)."""
 
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int | None = None  # None: each model's own token budget (smaller on the CPU)
     max_batch_requests: int = 256
     max_client_batch_size: int = 512
     max_request_bytes: int = 2_000_000
@@ -679,7 +679,8 @@ def create_app(state: ServerState) -> Any:
                            "load_seconds": None if s.load_seconds is None else round(s.load_seconds, 3),
                            "runtime": s.runtime or None})
         first = models[0]
-        return _json({**first, "models": models, "max_batch_tokens": o.max_batch_tokens,
+        budgets = [s.model.token_budget for s in state.served if s.model is not None]  # the queues' default
+        return _json({**first, "models": models, "max_batch_tokens": o.max_batch_tokens or max(budgets, default=None),
                       "max_batch_requests": o.max_batch_requests, "max_client_batch_size": o.max_client_batch_size,
                       "max_concurrent_requests": o.max_queue_items, "auto_truncate": o.auto_truncate,
                       "version": _version(), "ready": state.ready.is_set(), "started_at": _iso(state.started)})
