@@ -443,7 +443,7 @@ def in_flight(url: str) -> float:
 def test_sigterm_finishes_requests_in_flight(server, local):
     """Last in the module: SIGTERM while 16 clients wait for their results; every one gets its own,
     the server exits 0 and then refuses connections."""
-    texts = [[f"in flight {i}.{j} " + "panda " * 600 for j in range(32)] for i in range(16)]
+    texts = [[f"in flight {i}.{j} " + "panda " * 600 for j in range(128)] for i in range(16)]
 
     def one(i: int):
         with httpx.Client(base_url=server.url, timeout=120) as c:
