@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import registry
+from .cache_dir import cache_dir
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -55,8 +56,7 @@ _VERIFIED: set[str] = set()
 def verified_dir() -> str:
     """Where verified-file stamps are kept: ``$BGERT_CACHE_DIR/verified`` (default ``~/.cache/bgert``),
     outside the artifact, so read-only artifact directories are checked the same way."""
-    root = os.environ.get("BGERT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "bgert")
-    return os.path.join(root, "verified")
+    return cache_dir("verified")
 
 
 def _stamp(st: os.stat_result, sha256: str) -> str:

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 import onnxruntime as ort
 
+from .cache_dir import cache_dir
 from .cpu import cpu_flags
 
 log = logging.getLogger("bgert")
@@ -52,8 +53,7 @@ MIN_EXTERNAL_BYTES = 1024
 
 def cache_root() -> str:
     """``$BGERT_CACHE_DIR/ort`` (default ``~/.cache/bgert/ort``)."""
-    root = os.environ.get("BGERT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "bgert")
-    return os.path.join(root, "ort")
+    return cache_dir("ort")
 
 
 def enabled(asked: bool | None) -> bool:

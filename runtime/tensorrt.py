@@ -30,6 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .cache_dir import cache_dir
 from .providers import ProviderError
 
 log = logging.getLogger("bgert")
@@ -42,8 +43,7 @@ PROFILE_KINDS = ("single", "per-bucket")
 
 
 def default_cache_dir() -> str:
-    root = os.environ.get("BGERT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "bgert")
-    return os.path.join(root, "tensorrt")
+    return cache_dir("tensorrt")
 
 
 def profile_inputs(manifest: Any, graph: Any) -> list[str]:

@@ -34,6 +34,7 @@ import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
 
+from .cache_dir import cache_dir
 from .cpu import cpu_flags, cpu_model
 
 log = logging.getLogger("bgert")
@@ -54,8 +55,7 @@ def machine_key(threads: int | None) -> str:
 
 
 def cache_root() -> str:
-    root = os.environ.get("BGERT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "bgert")
-    return os.path.join(root, "tune")
+    return cache_dir("tune")
 
 
 def cache_path(model_dir: str, threads: int | None) -> str:
