@@ -26,7 +26,7 @@ from .manifest import ArtifactError, Graph, Manifest, read_manifest
 from . import registry
 from .progress import progress
 from .ort_backend import make_ort_backend
-from .providers import check_backend_options
+from .providers import check_backend_options, uses_gpu
 from .request import Item, Job, Request
 from .token_queue import QueuedAPI
 from .tokenize import TextTokenizer
@@ -108,6 +108,11 @@ def default_precision(manifest: Manifest, on_gpu: bool, backend: str = "ort",
     return next((p for p in (*prefs, *manifest.precisions()) if p in passed), None)
 
 
+def runs_here(m: Manifest, precision: str) -> bool:
+    """Every graph of ``precision`` passed its gate and runs well on this CPU (a default may use it)."""
+    return all(g.gate_passed and graph_runs_well_here(g) for g in m.graphs if g.precision == precision)
+
+
 def tune_candidates(m: Manifest) -> list[tuple[str, str]]:
     """(backend, precision) pairs worth timing here: gated, runnable on this CPU and backend; the likely
     fastest first (the fixed orders), so a measurement cut short by its budget keeps them."""
@@ -119,10 +124,9 @@ def tune_candidates(m: Manifest) -> list[tuple[str, str]]:
     out = []
     for b in backends:
         for p in sorted(m.precisions(), key=lambda p: (order if b == "ort" else ov_order).get(p, 99)):
-            graphs = [g for g in m.graphs if g.precision == p]
-            if p == "fp16" or not all(g.gate_passed and graph_runs_well_here(g) for g in graphs):
+            if p == "fp16" or not runs_here(m, p):
                 continue  # fp16 is a GPU graph; a failed or unmeasured gate is never a default
-            if all(graph_backend(g) in (b, "any") for g in graphs) and (b == "ort" or p in ov_order):
+            if all(graph_backend(g) in (b, "any") for g in m.graphs if g.precision == p) and (b == "ort" or p in ov_order):
                 out.append((b, p))
     return out
 
@@ -267,9 +271,7 @@ class BgeModel(QueuedAPI):
         from .tuning import fastest, variant_override
 
         env_backend, env_precision = (None, None) if precision else variant_override()
-        on_gpu = backend in (None, "auto", "ort") and any(
-            p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in provider_names(
-                resolve_providers(providers)))
+        on_gpu = backend in (None, "auto", "ort") and uses_gpu(resolve_providers(providers))
         if backend not in (None, "auto"):
             if env_precision and env_backend not in (None, backend):
                 log.warning("bgert: BGERT_VARIANT=%s:%s ignored: this load asks for backend=%r", env_backend,
@@ -290,9 +292,7 @@ class BgeModel(QueuedAPI):
 
             self.tuning = measure_once(self.model_dir, threads, lambda: tune_candidates(self.manifest))
         if backend is None:
-            runnable = [p for p in self.manifest.precisions() if all(
-                g.gate_passed and graph_runs_well_here(g) for g in self.manifest.graphs if g.precision == p)]
-            best = fastest(self.tuning, None, runnable)
+            best = fastest(self.tuning, None, [p for p in self.manifest.precisions() if runs_here(self.manifest, p)])
             backend = best["backend"] if best else "ort"
         measured = fastest(self.tuning, backend, self.manifest.precisions())
         how = (f"measured here ({self.tuning.get('how', 'bgert tune')}, {self.tuning.get('measured_at')})"
@@ -300,7 +300,7 @@ class BgeModel(QueuedAPI):
         return backend, None, how
 
     def _on_gpu(self) -> bool:
-        return any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in provider_names(self.providers))
+        return uses_gpu(self.providers)
 
     def _choose_precision(self, precision: str | None) -> str:
         graphs = self.manifest.graphs

@@ -17,7 +17,7 @@ import onnxruntime as ort
 from . import iobinding, session_cache as graph_cache, tensorrt
 from .backends import OrtBackend
 from .providers import (CPU, CUDA, GPU_PROVIDERS, TENSORRT, ProviderError, ProviderSpec, cuda_options,
-                        preload_gpu_libraries, provider_names, provider_options)
+                        preload_gpu_libraries, provider_names, provider_options, uses_gpu)
 
 
 def arena_settings(arena: str, sess_options: ort.SessionOptions) -> ort.RunOptions | None:
@@ -53,7 +53,7 @@ def make_ort_backend(path: str, manifest: Any, graph: Any, providers: Sequence[P
     ``BGERT_SESSION_CACHE=0``; the caller sets False for SessionOptions of its own).
     """
     names = provider_names(providers)
-    on_gpu = any(p in GPU_PROVIDERS for p in names)
+    on_gpu = uses_gpu(providers)
     if cuda_graph and not on_gpu:
         raise ProviderError(f"cuda_graph=True needs the CUDA or TensorRT provider; this model runs on {names}.")
     if on_gpu:
@@ -74,6 +74,7 @@ def make_ort_backend(path: str, manifest: Any, graph: Any, providers: Sequence[P
         merged = {**derived, **provider_options(providers, name)}
         full.append((name, merged) if merged else name)
     use_binding = on_gpu if io_binding is None else bool(io_binding)
+    cpu_only = names == [CPU]
     run_options = arena_settings(arena, sess_options)
     if run_options is not None and use_binding:
         raise ProviderError("arena='shrink' returns the CPU arena's chunks after each run of the CPU provider; "
@@ -82,8 +83,8 @@ def make_ort_backend(path: str, manifest: Any, graph: Any, providers: Sequence[P
         if cuda_graph:
             raise ProviderError("cuda_graph=True needs IO binding (fixed input/output addresses); "
                                 "drop io_binding=False.")
-        disabled = CPU_DISABLED_OPTIMIZERS if names == [CPU] else ()
-        if names == [CPU] and graph_cache.enabled(session_cache):
+        disabled = CPU_DISABLED_OPTIMIZERS if cpu_only else ()
+        if cpu_only and graph_cache.enabled(session_cache):
             cached = graph_cache.cached_graph(path, manifest, graph.file, sess_options, disabled)
             if cached != path:
                 try:
@@ -91,6 +92,6 @@ def make_ort_backend(path: str, manifest: Any, graph: Any, providers: Sequence[P
                 except RuntimeError as e:  # a copy ORT cannot read back: the artifact's own graph, from now on
                     graph_cache.refuse(cached, e)
         return OrtBackend(path, full, sess_options, run_options, disabled)
-    on_cpu = {"disabled_optimizers": CPU_DISABLED_OPTIMIZERS} if names == [CPU] else {}  # IO binding on the CPU EP
+    on_cpu = {"disabled_optimizers": CPU_DISABLED_OPTIMIZERS} if cpu_only else {}  # IO binding on the CPU EP
     return iobinding.IoBindingBackend(path, full, sess_options, shapes=shapes, cuda_graph=cuda_graph, device_id=device_id,
                                       **on_cpu)

@@ -103,6 +103,11 @@ def provider_names(providers: Sequence[ProviderSpec]) -> list[str]:
     return [p if isinstance(p, str) else p[0] for p in providers]
 
 
+def uses_gpu(providers: Sequence[ProviderSpec]) -> bool:
+    """Whether a provider list holds CUDA or TensorRT."""
+    return any(p in GPU_PROVIDERS for p in provider_names(providers))
+
+
 def provider_options(providers: Sequence[ProviderSpec], name: str) -> dict[str, Any]:
     """The options the caller gave for ``name`` (empty when none or when it is not listed)."""
     for p in providers:
